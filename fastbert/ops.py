@@ -1,0 +1,137 @@
+"""The one place that picks a backend for the fused ops.
+
+Three backends implement the same functions with the same signatures (see ``fastbert.reference`` for the
+contract and shapes):
+
+- ``torch``: ``fastbert.reference``, plain PyTorch, runs on any device;
+- ``cpp``: ``fastbert._cpp``, the C++ extension ``fastbert._C`` (``torch.ops.fastbert.*``), CPU tensors;
+- ``triton``: ``fastbert.kernels``, Triton kernels, CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``).
+
+A model resolves its backend once, when it is built (``resolve_backend``), and calls the returned
+``Backend``'s functions in ``forward``; nothing chooses per call.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from functools import lru_cache
+from types import ModuleType
+
+import torch
+
+from . import reference
+
+BACKENDS = ("torch", "cpp", "triton")
+
+#: The functions every backend module provides (``fastbert.reference`` defines their contract).
+OPS = (
+    "embeddings",
+    "add_layernorm",
+    "bias_activation",
+    "bias_residual_layernorm",
+    "prepack_linear",
+    "linear",
+    "linear_residual_layernorm",
+    "attention",
+)
+
+_MODULES = {"torch": "fastbert.reference", "cpp": "fastbert._cpp", "triton": "fastbert.kernels"}
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend was asked for explicitly but cannot run here; the message says why."""
+
+
+class Backend:
+    """The fused ops of one backend, looked up once: ``backend.linear(...)``, ``backend.attention(...)``."""
+
+    def __init__(self, name: str, module: ModuleType):
+        self.name = name
+        self.module = module
+        for op in OPS:
+            fn = getattr(module, op, None)
+            if fn is None:
+                raise BackendUnavailable(f"backend {name!r} ({module.__name__}) does not implement op {op!r}")
+            setattr(self, op, fn)
+
+    def __repr__(self) -> str:
+        return f"Backend({self.name!r})"
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@lru_cache(maxsize=None)
+def _import(name: str) -> tuple[ModuleType | None, str]:
+    """Import a backend's module once; return (module or None, reason it cannot be used)."""
+    try:
+        module = importlib.import_module(_MODULES[name])
+    except Exception as exc:  # an ImportError, or an extension built against another torch
+        return None, f"{_MODULES[name]} failed to import: {type(exc).__name__}: {exc}"
+    reason = getattr(module, "UNAVAILABLE_REASON", None)
+    return (None, reason) if reason else (module, "")
+
+
+def unavailable_reason(name: str, device: torch.device | str | None = None) -> str | None:
+    """Why backend ``name`` cannot run on ``device`` (None when it can)."""
+    if name not in BACKENDS:
+        return f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or 'auto'"
+    dev = torch.device(device) if device is not None else None
+    if name == "cpp" and dev is not None and dev.type != "cpu":
+        return f"the cpp backend runs on CPU tensors, not {dev.type}"
+    if name == "triton":
+        if dev is not None and dev.type == "cpu" and not _interpreting():
+            return "the triton backend needs a CUDA device (or TRITON_INTERPRET=1 to run kernels on the CPU)"
+        if dev is None and not torch.cuda.is_available() and not _interpreting():
+            return "the triton backend needs a CUDA device (or TRITON_INTERPRET=1 to run kernels on the CPU)"
+    if dev is not None and dev.type not in ("cpu", "cuda"):
+        if name != "torch":
+            return f"the {name} backend does not run on {dev.type} tensors"
+    module, reason = _import(name)
+    return reason or None if module is None else None
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Backend names usable here (for ``device``, or for any local device when None)."""
+    if device is None:
+        names = ["torch"]
+        if unavailable_reason("cpp", "cpu") is None:
+            names.append("cpp")
+        if unavailable_reason("triton") is None:
+            names.append("triton")
+        return names
+    return [b for b in BACKENDS if unavailable_reason(b, device) is None]
+
+
+_warned_cpp = False
+
+
+def resolve_backend(name: str | None, device: torch.device | str) -> Backend:
+    """Pick the backend for a model on ``device``.
+
+    ``name`` None or "auto" reads ``FASTBERT_BACKEND`` and otherwise picks triton on CUDA, cpp on CPU when
+    the extension loaded, torch elsewhere. An explicit name that cannot be honoured raises
+    ``BackendUnavailable`` with the reason; nothing falls back silently.
+    """
+    global _warned_cpp
+    dev = torch.device(device)
+    if name in (None, "auto"):
+        name = os.environ.get("FASTBERT_BACKEND") or "auto"
+    if name != "auto":
+        reason = unavailable_reason(name, dev)
+        if reason is not None:
+            raise BackendUnavailable(f"backend {name!r} is not available: {reason}")
+        return Backend(name, _import(name)[0] if name != "torch" else reference)
+    if dev.type == "cuda" and unavailable_reason("triton", dev) is None:
+        return Backend("triton", _import("triton")[0])
+    if dev.type == "cpu":
+        reason = unavailable_reason("cpp", dev)
+        if reason is None:
+            return Backend("cpp", _import("cpp")[0])
+        if not _warned_cpp:
+            _warned_cpp = True
+            warnings.warn(f"fastbert: C++ backend unavailable, using the torch backend: {reason}", stacklevel=3)
+    return Backend("torch", reference)

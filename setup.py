@@ -1,0 +1,30 @@
+"""Build script: the Python package, the Triton kernels (installed as fastbert.kernels) and the C++
+extension fastbert._C (csrc/). Build with ``pip install --no-build-isolation .`` against the installed torch."""
+
+import glob
+import os
+
+from setuptools import setup
+
+ext_modules = []
+cmdclass = {}
+sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+if sources and os.environ.get("FASTBERT_NO_EXT", "0") in ("", "0"):
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    ext_modules.append(
+        CppExtension(
+            "fastbert._C",
+            sources,
+            extra_compile_args=["-O3", "-std=c++17", "-fopenmp"],
+            extra_link_args=["-fopenmp"],
+        )
+    )
+    cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
+
+setup(
+    packages=["fastbert", "fastbert.kernels"],
+    package_dir={"fastbert": "fastbert", "fastbert.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
