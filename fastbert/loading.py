@@ -114,14 +114,14 @@ def _compile(table: list[tuple[str, str]]) -> list[tuple[re.Pattern, str, re.Pat
     return [(to_regex(hf), ours, to_regex(ours), hf) for hf, ours in table]
 
 
-def _rules(config: EncoderConfig, task: str | None):
+def rules_for(config: EncoderConfig, task: str | None):
     kind = family_kind(config.model_type)
     base = _DISTILBERT_BASE if kind == "distilbert" else _BERT_BASE
     head = _HEADS.get((kind, task), []) if task else []
     return _compile(base), _compile(head)
 
 
-def _apply(rules, name: str, forward: bool) -> str | None:
+def rename(rules, name: str, forward: bool) -> str | None:
     for hf_rx, ours_fmt, ours_rx, hf_fmt in rules:
         m = (hf_rx if forward else ours_rx).match(name)
         if m:
@@ -220,7 +220,7 @@ def hf_to_fastbert(
     state: dict[str, Tensor], config: EncoderConfig, task: str | None
 ) -> tuple[dict[str, Tensor], list[str]]:
     """Rename an HF state dict to fastbert's names and fuse Q/K/V. Returns (state, unexpected HF keys)."""
-    base_rules, head_rules = _rules(config, task)
+    base_rules, head_rules = rules_for(config, task)
     prefix = config.prefix + "."
     out: dict[str, Tensor] = {}
     unexpected: list[str] = []
@@ -228,9 +228,9 @@ def hf_to_fastbert(
         name = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
         ours = None
         if name.startswith(prefix):
-            ours = _apply(base_rules, name[len(prefix):], forward=True)
+            ours = rename(base_rules, name[len(prefix):], forward=True)
         if ours is None:
-            ours = _apply(base_rules, name, forward=True) or _apply(head_rules, name, forward=True)
+            ours = rename(base_rules, name, forward=True) or rename(head_rules, name, forward=True)
         if ours is None:
             if not _IGNORED.search(name):
                 unexpected.append(key)
@@ -251,20 +251,20 @@ def hf_to_fastbert(
 
 def fastbert_to_hf(state: dict[str, Tensor], config: EncoderConfig, task: str | None, with_prefix: bool) -> dict[str, Tensor]:
     """fastbert names back to transformers names (Q/K/V split), ready for save_pretrained."""
-    base_rules, head_rules = _rules(config, task)
+    base_rules, head_rules = rules_for(config, task)
     prefix = config.prefix + "." if with_prefix else ""
     out: dict[str, Tensor] = {}
     for name, tensor in state.items():
         m = re.match(r"layers\.(\d+)\.qkv\.(weight|bias)$", name)
         if m:
             for x, part in zip("qkv", tensor.chunk(3, dim=0)):
-                out[prefix + _apply(base_rules, f"layers.{m[1]}.{x}.{m[2]}", forward=False)] = part
+                out[prefix + rename(base_rules, f"layers.{m[1]}.{x}.{m[2]}", forward=False)] = part
             continue
-        hf = _apply(base_rules, name, forward=False)
+        hf = rename(base_rules, name, forward=False)
         if hf is not None:
             out[prefix + hf] = tensor
             continue
-        hf = _apply(head_rules, name, forward=False)
+        hf = rename(head_rules, name, forward=False)
         if hf is None:
             raise CheckpointError(f"no transformers name for fastbert parameter {name!r}")
         out[hf] = tensor

@@ -42,13 +42,13 @@ class Linear(nn.Module):
         self._cache: tuple[Tensor, Tensor | None, Any] | None = None
 
     @classmethod
-    def shared(cls, parts: list[nn.Linear]) -> Linear:
-        """A Linear computing the row-concatenation of ``parts`` (e.g. Q, K, V) over their own parameters."""
+    def shared(cls, parts: list[tuple[Tensor, Tensor | None]]) -> Linear:
+        """A Linear computing the row-concatenation of (weight, bias) ``parts`` (e.g. Q, K, V), not copying them."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.register_parameter("weight", None)
         self.register_parameter("bias", None)
-        self._sources = [(p.weight, p.bias) for p in parts]
+        self._sources = list(parts)
         self._cache_key = None
         self._cache = None
         return self
