@@ -218,11 +218,15 @@ _IGNORED = re.compile(r"(^|\.)(position_ids|token_type_ids)$")
 
 def hf_to_fastbert(
     state: dict[str, Tensor], config: EncoderConfig, task: str | None
-) -> tuple[dict[str, Tensor], list[str]]:
-    """Rename an HF state dict to fastbert's names and fuse Q/K/V. Returns (state, unexpected HF keys)."""
+) -> tuple[dict[str, Tensor], list[str], dict[str, str]]:
+    """Rename an HF state dict to fastbert's names and fuse Q/K/V.
+
+    Returns (state, unexpected HF keys, fastbert name -> the HF key(s) it came from, for error messages).
+    """
     base_rules, head_rules = rules_for(config, task)
     prefix = config.prefix + "."
     out: dict[str, Tensor] = {}
+    origin: dict[str, str] = {}
     unexpected: list[str] = []
     for key, tensor in state.items():
         name = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
@@ -238,15 +242,17 @@ def hf_to_fastbert(
         if ours in out and ours == "head.bias":
             continue  # decoder.bias and predictions.bias are one tied tensor
         out[ours] = tensor
+        origin[ours] = key
     for n in range(config.num_layers):
         for p in ("weight", "bias"):
             parts = [out.pop(f"layers.{n}.{x}.{p}", None) for x in "qkv"]
             if all(t is not None for t in parts):
                 out[f"layers.{n}.qkv.{p}"] = torch.cat(parts, dim=0)
+                origin[f"layers.{n}.qkv.{p}"] = " + ".join(origin.pop(f"layers.{n}.{x}.{p}") for x in "qkv")
             elif any(t is not None for t in parts):
                 absent = [x for x, t in zip("qkv", parts) if t is None]
                 raise CheckpointError(f"layer {n}: {'/'.join(absent)} projection {p} missing while the others are present")
-    return out, unexpected
+    return out, unexpected, origin
 
 
 def fastbert_to_hf(state: dict[str, Tensor], config: EncoderConfig, task: str | None, with_prefix: bool) -> dict[str, Tensor]:
@@ -271,13 +277,14 @@ def fastbert_to_hf(state: dict[str, Tensor], config: EncoderConfig, task: str | 
     return out
 
 
-def check_shapes(expected: dict[str, Tensor], loaded: dict[str, Tensor], source: str) -> None:
+def check_shapes(expected: dict[str, Tensor], loaded: dict[str, Tensor], origin: dict[str, str], source: str) -> None:
     """Every loaded tensor must have the shape of the model's parameter of the same name."""
     for name, tensor in loaded.items():
         want = expected.get(name)
         if want is not None and tuple(want.shape) != tuple(tensor.shape):
             raise CheckpointError(
-                f"{source}: tensor {name} has shape {tuple(tensor.shape)} but the config implies {tuple(want.shape)}"
+                f"{source}: tensor {origin.get(name, name)} (fastbert {name}) has shape {tuple(tensor.shape)} "
+                f"but the config implies {tuple(want.shape)}"
             )
 
 

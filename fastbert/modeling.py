@@ -341,15 +341,19 @@ class _PreTrained(nn.Module):
         with torch.device("meta"):
             model = cls(hf_config, backend="torch")
         raw = loading.read_state_dict(path)
-        state, unexpected = loading.hf_to_fastbert(raw, model.cfg, cls.task)
+        state, unexpected, origin = loading.hf_to_fastbert(raw, model.cfg, cls.task)
         expected = model.state_dict()
-        loading.check_shapes(expected, state, str(path))
+        loading.check_shapes(expected, state, origin, str(path))
         unexpected += [k for k in state if k not in expected]
         state = {k: v for k, v in state.items() if k in expected}
         missing = [k for k in expected if k not in state and not model._is_tied(k)]
         optional, required = loading.split_missing(missing)
         if required:
-            raise loading.CheckpointError(f"{path}: checkpoint lacks encoder tensors {required[:6]}{' ...' if len(required) > 6 else ''}")
+            names = list(loading.fastbert_to_hf({n: expected[n] for n in required}, model.cfg, None, with_prefix=False))
+            raise loading.CheckpointError(
+                f"{path}: checkpoint lacks encoder tensors {names[:6]}{' ...' if len(names) > 6 else ''} "
+                f"(fastbert {required[:6]})"
+            )
         model = model.to_empty(device="cpu")
         model.load_state_dict({**model.state_dict(), **state}, strict=True, assign=False)
         model._init_missing(optional)
@@ -514,7 +518,7 @@ def _base_output(cfg: EncoderConfig, last: Tensor, pooled: Tensor | None, hidden
     if cfg.model_type == "distilbert":
         out = mo.BaseModelOutput(last_hidden_state=last, hidden_states=hidden)
     elif cfg.model_type == "electra":
-        out = mo.BaseModelOutputWithCrossAttentions(last_hidden_state=last, hidden_states=hidden)
+        out = mo.BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=last, hidden_states=hidden)  # what ElectraModel returns
     else:
         out = mo.BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden)
     return out if return_dict is not False else out.to_tuple()

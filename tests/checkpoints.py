@@ -64,6 +64,8 @@ def hf_config(
 
 def make_hf_model(family: str, task: str | None = None, seed: int = 0, **config_kw) -> transformers.PreTrainedModel:
     torch.manual_seed(seed)
+    if task == "question-answering":
+        config_kw.setdefault("num_labels", 2)  # start and end logits
     model = _AUTO[task].from_config(hf_config(family, **config_kw), attn_implementation="eager")
     with torch.no_grad():  # LayerNorm weights/biases away from 1/0 so that a swapped or skipped one shows
         for name, p in model.named_parameters():
