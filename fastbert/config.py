@@ -86,7 +86,9 @@ class EncoderConfig:
                 "embeddings only (transformers 5 removed relative_key / relative_key_query too)"
             )
         if getattr(hf, "is_decoder", False) or getattr(hf, "add_cross_attention", False):
-            raise UnsupportedModelError("decoder / cross-attention configurations are not supported: fastbert runs encoders")
+            raise UnsupportedModelError(
+                "decoder / cross-attention configurations are not supported: fastbert runs encoders"
+            )
 
         if model_type == "distilbert":
             hidden, heads, layers = hf.dim, hf.n_heads, hf.n_layers

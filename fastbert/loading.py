@@ -17,7 +17,12 @@ from torch import Tensor
 
 from .config import EncoderConfig
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 class CheckpointError(ValueError):
@@ -188,7 +193,10 @@ def _read_file(file: Path) -> dict[str, Tensor]:
 
 def read_state_dict(path: Path) -> dict[str, Tensor]:
     """All tensors of a checkpoint folder: single or sharded safetensors, else single or sharded .bin."""
-    for single, index in (("model.safetensors", "model.safetensors.index.json"), ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+    for single, index in (
+        ("model.safetensors", "model.safetensors.index.json"),
+        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+    ):
         if (path / single).is_file():
             return _read_file(path / single)
         if (path / index).is_file():
@@ -232,7 +240,7 @@ def hf_to_fastbert(
         name = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
         ours = None
         if name.startswith(prefix):
-            ours = rename(base_rules, name[len(prefix):], forward=True)
+            ours = rename(base_rules, name[len(prefix) :], forward=True)
         if ours is None:
             ours = rename(base_rules, name, forward=True) or rename(head_rules, name, forward=True)
         if ours is None:
@@ -250,12 +258,16 @@ def hf_to_fastbert(
                 out[f"layers.{n}.qkv.{p}"] = torch.cat(parts, dim=0)
                 origin[f"layers.{n}.qkv.{p}"] = " + ".join(origin.pop(f"layers.{n}.{x}.{p}") for x in "qkv")
             elif any(t is not None for t in parts):
-                absent = [x for x, t in zip("qkv", parts) if t is None]
-                raise CheckpointError(f"layer {n}: {'/'.join(absent)} projection {p} missing while the others are present")
+                absent = [x for x, t in zip("qkv", parts, strict=False) if t is None]
+                raise CheckpointError(
+                    f"layer {n}: {'/'.join(absent)} projection {p} missing while the others are present"
+                )
     return out, unexpected, origin
 
 
-def fastbert_to_hf(state: dict[str, Tensor], config: EncoderConfig, task: str | None, with_prefix: bool) -> dict[str, Tensor]:
+def fastbert_to_hf(
+    state: dict[str, Tensor], config: EncoderConfig, task: str | None, with_prefix: bool
+) -> dict[str, Tensor]:
     """fastbert names back to transformers names (Q/K/V split), ready for save_pretrained."""
     base_rules, head_rules = rules_for(config, task)
     prefix = config.prefix + "." if with_prefix else ""
@@ -263,7 +275,7 @@ def fastbert_to_hf(state: dict[str, Tensor], config: EncoderConfig, task: str | 
     for name, tensor in state.items():
         m = re.match(r"layers\.(\d+)\.qkv\.(weight|bias)$", name)
         if m:
-            for x, part in zip("qkv", tensor.chunk(3, dim=0)):
+            for x, part in zip("qkv", tensor.chunk(3, dim=0), strict=False):
                 out[prefix + rename(base_rules, f"layers.{m[1]}.{x}.{m[2]}", forward=False)] = part
             continue
         hf = rename(base_rules, name, forward=False)

@@ -98,7 +98,9 @@ class Embeddings(nn.Module):
         self.norm = nn.LayerNorm(e, eps=cfg.layer_norm_eps)
         self.project = Linear(e, cfg.hidden_size) if e != cfg.hidden_size else None
 
-    def forward(self, ids: Tensor | None, embeds: Tensor | None, pos: Tensor, tt: Tensor | None, ops: Backend) -> Tensor:
+    def forward(
+        self, ids: Tensor | None, embeds: Tensor | None, pos: Tensor, tt: Tensor | None, ops: Backend
+    ) -> Tensor:
         """ids (T,) or embeds (T, E); pos, tt (T,). Returns (T, hidden)."""
         type_w = self.token_type.weight if self.token_type is not None else None
         if embeds is not None:
@@ -106,7 +108,17 @@ class Embeddings(nn.Module):
             extra = type_w[tt] if type_w is not None else None
             h = ops.add_layernorm(x, extra, self.norm.weight, self.norm.bias, self.norm.eps)
         else:
-            h = ops.embeddings(ids, pos, tt, self.word.weight, self.position.weight, type_w, self.norm.weight, self.norm.bias, self.norm.eps)
+            h = ops.embeddings(
+                ids,
+                pos,
+                tt,
+                self.word.weight,
+                self.position.weight,
+                type_w,
+                self.norm.weight,
+                self.norm.bias,
+                self.norm.eps,
+            )
         return self.project(h, ops) if self.project is not None else h
 
 
@@ -146,7 +158,9 @@ def _check_kwargs(kwargs: dict) -> None:
     for name, value in kwargs.items():
         if name in _UNSUPPORTED:
             if value is not None:
-                raise NotImplementedError(f"fastbert does not support {name}= (it runs encoders without head masks or caches)")
+                raise NotImplementedError(
+                    f"fastbert does not support {name}= (it runs encoders without head masks or caches)"
+                )
         elif name == "output_attentions":
             if value:
                 raise NotImplementedError(
@@ -191,7 +205,9 @@ def _key_mask(attention_mask: Tensor | None, batch: int, seqlen: int, device: to
                 "supports padding masks only"
             )
         return keep[:, 0, 0, :]
-    raise ValueError(f"attention_mask must be 2-D (batch, seqlen) or a 4-D padding mask, got {m.dim()}-D shape {tuple(m.shape)}")
+    raise ValueError(
+        f"attention_mask must be 2-D (batch, seqlen) or a 4-D padding mask, got {m.dim()}-D shape {tuple(m.shape)}"
+    )
 
 
 def _check_ids(name: str, ids: Tensor, upper: int, what: str) -> None:
@@ -199,7 +215,7 @@ def _check_ids(name: str, ids: Tensor, upper: int, what: str) -> None:
         raise TypeError(f"{name} must be an integer tensor, got {ids.dtype}")
     if ids.numel() == 0:
         return
-    lo, hi = int(ids.min()), int(ids.max())
+    lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one device sync for both bounds
     if lo < 0:
         raise ValueError(f"{name} contains {lo}, a negative value")
     if hi >= upper:
@@ -212,7 +228,9 @@ class _Inputs:
     __slots__ = ("ids", "embeds", "pos", "tt", "packing")
 
 
-def _prepare(cfg: EncoderConfig, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, device) -> _Inputs:
+def _prepare(
+    cfg: EncoderConfig, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, device
+) -> _Inputs:
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids and inputs_embeds")
     if input_ids is not None:
@@ -240,7 +258,9 @@ def _prepare(cfg: EncoderConfig, input_ids, attention_mask, token_type_ids, posi
     if position_ids is not None:
         position_ids = position_ids.to(device).expand(batch, seqlen) if position_ids.dim() <= 2 else position_ids
         if tuple(position_ids.shape) != (batch, seqlen):
-            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)} but input has shape {(batch, seqlen)}")
+            raise ValueError(
+                f"position_ids has shape {tuple(position_ids.shape)} but input has shape {(batch, seqlen)}"
+            )
         _check_ids("position_ids", position_ids, cfg.max_position_embeddings, "max_position_embeddings")
     elif cfg.roberta_positions:
         pad = cfg.pad_token_id
@@ -256,7 +276,9 @@ def _prepare(cfg: EncoderConfig, input_ids, attention_mask, token_type_ids, posi
         if cfg.type_vocab_size == 0:
             raise ValueError(f"{cfg.model_type} has no token types; do not pass token_type_ids")
         if tuple(token_type_ids.shape) != (batch, seqlen):
-            raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)} but input has shape {(batch, seqlen)}")
+            raise ValueError(
+                f"token_type_ids has shape {tuple(token_type_ids.shape)} but input has shape {(batch, seqlen)}"
+            )
         _check_ids("token_type_ids", token_type_ids, cfg.type_vocab_size, "type_vocab_size")
         token_type_ids = token_type_ids.to(device)
 
@@ -266,7 +288,11 @@ def _prepare(cfg: EncoderConfig, input_ids, attention_mask, token_type_ids, posi
     inp.embeds = padding.gather(inputs_embeds.to(device), packing) if inputs_embeds is not None else None
     inp.pos = padding.gather(position_ids.contiguous(), packing)
     if cfg.type_vocab_size > 0:
-        tt = token_type_ids if token_type_ids is not None else torch.zeros(batch, seqlen, dtype=torch.long, device=device)
+        tt = (
+            token_type_ids
+            if token_type_ids is not None
+            else torch.zeros(batch, seqlen, dtype=torch.long, device=device)
+        )
         inp.tt = padding.gather(tt, packing)
     else:
         inp.tt = None
@@ -336,7 +362,6 @@ class _PreTrained(nn.Module):
         """
         path = loading.resolve_path(path_or_id, **hub_kwargs)
         hf_config = loading.load_hf_config(path)
-        cls._adapt_config(hf_config)
         target = _default_device(device)
         with torch.device("meta"):
             model = cls(hf_config, backend="torch")
@@ -371,10 +396,6 @@ class _PreTrained(nn.Module):
         if output_loading_info:
             return model, {"missing_keys": optional, "unexpected_keys": unexpected}
         return model
-
-    @classmethod
-    def _adapt_config(cls, hf_config) -> None:
-        """Hook for heads (e.g. num_labels defaults); the base model takes the config as is."""
 
     def _is_tied(self, name: str) -> bool:
         return False
@@ -496,7 +517,9 @@ class AutoModel(_PreTrained):
         **kwargs,
     ):
         _check_kwargs(kwargs)
-        inp, packed, hidden = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, bool(output_hidden_states))
+        inp, packed, hidden = self._encode(
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, bool(output_hidden_states)
+        )
         p = inp.packing
         last = padding.pad(packed, p)  # (batch, seqlen, hidden)
         pooled = self.pool(packed, p.cu_seqlens)
@@ -508,19 +531,29 @@ def first_tokens(packed: Tensor, cu_seqlens: Tensor) -> Tensor:
     """Each sequence's first packed token, (batch, hidden); zeros for empty sequences."""
     starts = cu_seqlens[:-1].long()
     nonempty = cu_seqlens[1:] > cu_seqlens[:-1]
-    rows = packed.index_select(0, starts.clamp(max=max(packed.shape[0] - 1, 0))) if packed.shape[0] else packed.new_zeros(starts.shape[0], packed.shape[1])
+    rows = (
+        packed.index_select(0, starts.clamp(max=max(packed.shape[0] - 1, 0)))
+        if packed.shape[0]
+        else packed.new_zeros(starts.shape[0], packed.shape[1])
+    )
     return rows * nonempty[:, None].to(rows.dtype)
 
 
-def _base_output(cfg: EncoderConfig, last: Tensor, pooled: Tensor | None, hidden: tuple | None, return_dict: bool | None):
+def _base_output(
+    cfg: EncoderConfig, last: Tensor, pooled: Tensor | None, hidden: tuple | None, return_dict: bool | None
+):
     from transformers import modeling_outputs as mo
 
     if cfg.model_type == "distilbert":
         out = mo.BaseModelOutput(last_hidden_state=last, hidden_states=hidden)
     elif cfg.model_type == "electra":
-        out = mo.BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=last, hidden_states=hidden)  # what ElectraModel returns
+        out = mo.BaseModelOutputWithPastAndCrossAttentions(
+            last_hidden_state=last, hidden_states=hidden
+        )  # what ElectraModel returns
     else:
-        out = mo.BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden)
+        out = mo.BaseModelOutputWithPoolingAndCrossAttentions(
+            last_hidden_state=last, pooler_output=pooled, hidden_states=hidden
+        )
     return out if return_dict is not False else out.to_tuple()
 
 
@@ -549,7 +582,7 @@ class _WithHead(_PreTrained):
     def state_dict(self, *args, **kwargs):
         # The encoder's tensors go under fastbert's base names (no "encoder." prefix), the head's under "head.".
         sd = super().state_dict(*args, **kwargs)
-        return type(sd)((k[len("encoder."):] if k.startswith("encoder.") else k, v) for k, v in sd.items())
+        return type(sd)((k[len("encoder.") :] if k.startswith("encoder.") else k, v) for k, v in sd.items())
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         renamed = {(k if k.startswith("head.") else "encoder." + k): v for k, v in state_dict.items()}
@@ -557,7 +590,7 @@ class _WithHead(_PreTrained):
 
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
         for name, p in super().named_parameters(prefix, recurse, remove_duplicate):
-            yield (name[len("encoder."):] if name.startswith("encoder.") else name), p
+            yield (name[len("encoder.") :] if name.startswith("encoder.") else name), p
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
@@ -570,7 +603,12 @@ class _WithHead(_PreTrained):
         self.encoder.backend = self.backend
 
     def _hf_architecture(self) -> str:
-        from transformers import AutoModelForMaskedLM, AutoModelForQuestionAnswering, AutoModelForSequenceClassification, AutoModelForTokenClassification
+        from transformers import (
+            AutoModelForMaskedLM,
+            AutoModelForQuestionAnswering,
+            AutoModelForSequenceClassification,
+            AutoModelForTokenClassification,
+        )
 
         auto = {
             "sequence-classification": AutoModelForSequenceClassification,
@@ -603,12 +641,27 @@ class AutoModelForSequenceClassification(_WithHead):
         return self.cfg.model_type == "bert"
 
     def _build_head(self) -> nn.Module:
-        act = {"bert": "tanh", "roberta": "tanh", "xlm-roberta": "tanh", "electra": "gelu", "distilbert": "relu"}[self.cfg.model_type]
-        return _ClassificationHead(self.cfg.hidden_size, self.config.num_labels, act, with_dense=self.cfg.model_type != "bert")
+        act = {"bert": "tanh", "roberta": "tanh", "xlm-roberta": "tanh", "electra": "gelu", "distilbert": "relu"}[
+            self.cfg.model_type
+        ]
+        return _ClassificationHead(
+            self.cfg.hidden_size, self.config.num_labels, act, with_dense=self.cfg.model_type != "bert"
+        )
 
-    def forward_packed(self, input_ids, cu_seqlens, max_seqlen, token_type_ids=None, position_ids=None, inputs_embeds=None, hidden_states=None) -> Tensor:
+    def forward_packed(
+        self,
+        input_ids,
+        cu_seqlens,
+        max_seqlen,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        hidden_states=None,
+    ) -> Tensor:
         """Logits (batch, num_labels) for packed ids (total_tokens,) and int32 cu_seqlens."""
-        packed = self.encoder.forward_packed(input_ids, cu_seqlens, max_seqlen, token_type_ids, position_ids, inputs_embeds, hidden_states)
+        packed = self.encoder.forward_packed(
+            input_ids, cu_seqlens, max_seqlen, token_type_ids, position_ids, inputs_embeds, hidden_states
+        )
         return self._logits(packed, cu_seqlens)
 
     def _logits(self, packed: Tensor, cu_seqlens: Tensor) -> Tensor:
@@ -619,11 +672,24 @@ class AutoModelForSequenceClassification(_WithHead):
             x = self.head.dense(first_tokens(packed, cu_seqlens), ops, act=self.head.act)
         return self.head.out_proj(x, ops)
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        output_hidden_states=None,
+        return_dict=None,
+        **kwargs,
+    ):
         from transformers.modeling_outputs import SequenceClassifierOutput
 
         _check_kwargs(kwargs)
-        inp, packed, hidden = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, bool(output_hidden_states))
+        inp, packed, hidden = self._encode(
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, bool(output_hidden_states)
+        )
         logits = self._logits(packed, inp.packing.cu_seqlens)
         loss = self._loss(logits, labels) if labels is not None else None
         hs = tuple(padding.pad(h, inp.packing) for h in hidden) if hidden is not None else None
@@ -656,16 +722,40 @@ class AutoModelForTokenClassification(_WithHead):
     def _build_head(self) -> nn.Module:
         return _ClassificationHead(self.cfg.hidden_size, self.config.num_labels, "none", with_dense=False)
 
-    def forward_packed(self, input_ids, cu_seqlens, max_seqlen, token_type_ids=None, position_ids=None, inputs_embeds=None, hidden_states=None) -> Tensor:
+    def forward_packed(
+        self,
+        input_ids,
+        cu_seqlens,
+        max_seqlen,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        hidden_states=None,
+    ) -> Tensor:
         """Packed logits (total_tokens, num_labels)."""
-        packed = self.encoder.forward_packed(input_ids, cu_seqlens, max_seqlen, token_type_ids, position_ids, inputs_embeds, hidden_states)
+        packed = self.encoder.forward_packed(
+            input_ids, cu_seqlens, max_seqlen, token_type_ids, position_ids, inputs_embeds, hidden_states
+        )
         return self.head.out_proj(packed, self.backend)
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        output_hidden_states=None,
+        return_dict=None,
+        **kwargs,
+    ):
         from transformers.modeling_outputs import TokenClassifierOutput
 
         _check_kwargs(kwargs)
-        inp, packed, hidden = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, bool(output_hidden_states))
+        inp, packed, hidden = self._encode(
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, bool(output_hidden_states)
+        )
         logits = padding.pad(self.head.out_proj(packed, self.backend), inp.packing)
         loss = None
         if labels is not None:
@@ -679,23 +769,44 @@ class AutoModelForQuestionAnswering(_WithHead):
 
     task = "question-answering"
 
-    @classmethod
-    def _adapt_config(cls, hf_config) -> None:
-        pass
-
     def _build_head(self) -> nn.Module:
         return _ClassificationHead(self.cfg.hidden_size, self.config.num_labels, "none", with_dense=False)
 
-    def forward_packed(self, input_ids, cu_seqlens, max_seqlen, token_type_ids=None, position_ids=None, inputs_embeds=None, hidden_states=None) -> Tensor:
+    def forward_packed(
+        self,
+        input_ids,
+        cu_seqlens,
+        max_seqlen,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        hidden_states=None,
+    ) -> Tensor:
         """Packed (total_tokens, 2) start/end logits."""
-        packed = self.encoder.forward_packed(input_ids, cu_seqlens, max_seqlen, token_type_ids, position_ids, inputs_embeds, hidden_states)
+        packed = self.encoder.forward_packed(
+            input_ids, cu_seqlens, max_seqlen, token_type_ids, position_ids, inputs_embeds, hidden_states
+        )
         return self.head.out_proj(packed, self.backend)
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None, start_positions=None, end_positions=None, output_hidden_states=None, return_dict=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        start_positions=None,
+        end_positions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        **kwargs,
+    ):
         from transformers.modeling_outputs import QuestionAnsweringModelOutput
 
         _check_kwargs(kwargs)
-        inp, packed, hidden = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, bool(output_hidden_states))
+        inp, packed, hidden = self._encode(
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, bool(output_hidden_states)
+        )
         logits = padding.pad(self.head.out_proj(packed, self.backend), inp.packing)  # (batch, seqlen, 2)
         start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
         loss = None
@@ -703,9 +814,15 @@ class AutoModelForQuestionAnswering(_WithHead):
             ignored = start_logits.size(1)
             start = start_positions.to(start_logits.device).view(-1).clamp(0, ignored)
             end = end_positions.to(end_logits.device).view(-1).clamp(0, ignored)
-            loss = (F.cross_entropy(start_logits, start, ignore_index=ignored) + F.cross_entropy(end_logits, end, ignore_index=ignored)) / 2
+            loss = (
+                F.cross_entropy(start_logits, start, ignore_index=ignored)
+                + F.cross_entropy(end_logits, end, ignore_index=ignored)
+            ) / 2
         hs = tuple(padding.pad(h, inp.packing) for h in hidden) if hidden is not None else None
-        return _finish(QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits, hidden_states=hs), return_dict)
+        return _finish(
+            QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits, hidden_states=hs),
+            return_dict,
+        )
 
 
 class _MaskedLMHead(nn.Module):
@@ -739,9 +856,20 @@ class AutoModelForMaskedLM(_WithHead):
         if self.head.tied:
             self.head.decoder.weight = self.encoder.embeddings.word.weight
 
-    def forward_packed(self, input_ids, cu_seqlens, max_seqlen, token_type_ids=None, position_ids=None, inputs_embeds=None, hidden_states=None) -> Tensor:
+    def forward_packed(
+        self,
+        input_ids,
+        cu_seqlens,
+        max_seqlen,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        hidden_states=None,
+    ) -> Tensor:
         """Packed (total_tokens, vocab) logits."""
-        packed = self.encoder.forward_packed(input_ids, cu_seqlens, max_seqlen, token_type_ids, position_ids, inputs_embeds, hidden_states)
+        packed = self.encoder.forward_packed(
+            input_ids, cu_seqlens, max_seqlen, token_type_ids, position_ids, inputs_embeds, hidden_states
+        )
         return self._logits(packed)
 
     def _logits(self, packed: Tensor) -> Tensor:
@@ -751,15 +879,30 @@ class AutoModelForMaskedLM(_WithHead):
         weight, _, packed_w = head.decoder.resolved(ops)
         return ops.linear(h, weight, head.bias, None, packed=packed_w)
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        output_hidden_states=None,
+        return_dict=None,
+        **kwargs,
+    ):
         from transformers.modeling_outputs import MaskedLMOutput
 
         _check_kwargs(kwargs)
-        inp, packed, hidden = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, bool(output_hidden_states))
+        inp, packed, hidden = self._encode(
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, bool(output_hidden_states)
+        )
         logits = padding.pad(self._logits(packed), inp.packing)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.view(-1, self.cfg.vocab_size), labels.to(logits.device).view(-1), ignore_index=-100)
+            loss = F.cross_entropy(
+                logits.view(-1, self.cfg.vocab_size), labels.to(logits.device).view(-1), ignore_index=-100
+            )
         hs = tuple(padding.pad(h, inp.packing) for h in hidden) if hidden is not None else None
         return _finish(MaskedLMOutput(loss=loss, logits=logits, hidden_states=hs), return_dict)
 

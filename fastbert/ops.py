@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
-from functools import lru_cache
+from functools import cache
 from types import ModuleType
 
 import torch
@@ -64,7 +64,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _import(name: str) -> tuple[ModuleType | None, str]:
     """Import a backend's module once; return (module or None, reason it cannot be used)."""
     try:
@@ -91,7 +91,7 @@ def unavailable_reason(name: str, device: torch.device | str | None = None) -> s
         if name != "torch":
             return f"the {name} backend does not run on {dev.type} tensors"
     module, reason = _import(name)
-    return reason or None if module is None else None
+    return reason if module is None else None
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:

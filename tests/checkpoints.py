@@ -41,12 +41,23 @@ def hf_config(
     common = dict(vocab_size=vocab, num_labels=num_labels)
     if family == "distilbert":
         return transformers.DistilBertConfig(
-            dim=hidden, n_heads=heads, n_layers=layers, hidden_dim=inter, activation=act,
-            max_position_embeddings=max_positions, **common,
+            dim=hidden,
+            n_heads=heads,
+            n_layers=layers,
+            hidden_dim=inter,
+            activation=act,
+            max_position_embeddings=max_positions,
+            **common,
         )
     kw = dict(
-        hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=layers, intermediate_size=inter,
-        hidden_act=act, max_position_embeddings=max_positions, type_vocab_size=type_vocab, **common,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_hidden_layers=layers,
+        intermediate_size=inter,
+        hidden_act=act,
+        max_position_embeddings=max_positions,
+        type_vocab_size=type_vocab,
+        **common,
     )
     if eps is not None:
         kw["layer_norm_eps"] = eps

@@ -7,7 +7,9 @@ import sys
 
 
 def test_info_lists_backends():
-    out = subprocess.run([sys.executable, "-m", "fastbert.cli", "info"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "fastbert.cli", "info"], capture_output=True, text=True, check=True
+    ).stdout
     assert "torch" in out and "backends:" in out
     assert "available" in out
 

@@ -81,7 +81,9 @@ def test_sharded_bin(tmp_path):
 def test_base_checkpoint_into_head_reports_missing(tmp_path):
     path = make_checkpoint(tmp_path, "bert")
     with pytest.warns(UserWarning, match="newly initialised.*head.out_proj.weight"):
-        model, info = fastbert.AutoModelForSequenceClassification.from_pretrained(path, backend="torch", output_loading_info=True)
+        model, info = fastbert.AutoModelForSequenceClassification.from_pretrained(
+            path, backend="torch", output_loading_info=True
+        )
     assert "head.out_proj.weight" in info["missing_keys"]
     assert torch.isfinite(model.head.out_proj.weight).all()
     ids, mask = random_batch("bert", [3, 2])
@@ -102,7 +104,10 @@ def test_shape_mismatch_is_named(tmp_path):
     cfg = json.loads((path / "config.json").read_text())
     cfg["intermediate_size"] = 100
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"intermediate.dense.(weight|bias) \(fastbert layers.0.ffn_in.(weight|bias)\) has shape \(128.*\) but the config implies \(100"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"intermediate.dense.(weight|bias) \(fastbert layers.0.ffn_in.(weight|bias)\) has shape \(128.*\) but the config implies \(100",
+    ):
         fastbert.AutoModel.from_pretrained(path, backend="torch")
 
 
@@ -169,7 +174,10 @@ def test_unsupported_model_type_and_relative_positions(tmp_path):
 
 TASKS = {
     None: (fastbert.AutoModel, transformers.AutoModel),
-    "sequence-classification": (fastbert.AutoModelForSequenceClassification, transformers.AutoModelForSequenceClassification),
+    "sequence-classification": (
+        fastbert.AutoModelForSequenceClassification,
+        transformers.AutoModelForSequenceClassification,
+    ),
     "token-classification": (fastbert.AutoModelForTokenClassification, transformers.AutoModelForTokenClassification),
     "question-answering": (fastbert.AutoModelForQuestionAnswering, transformers.AutoModelForQuestionAnswering),
     "masked-lm": (fastbert.AutoModelForMaskedLM, transformers.AutoModelForMaskedLM),
