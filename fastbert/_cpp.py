@@ -1,3 +1,148 @@
-"""The cpp backend: torch.ops.fastbert.* from the C++ extension fastbert._C."""
+"""The cpp backend: ``torch.ops.fastbert.*`` from the C++ extension ``fastbert._C`` (sources in ``csrc/``).
 
-UNAVAILABLE_REASON = "the C++ extension is not written yet"
+Same functions and signatures as ``fastbert.reference`` (the contract). If the extension cannot be loaded,
+``UNAVAILABLE_REASON`` says why and ``fastbert.ops`` reports it; nothing here raises at import.
+GEMMs run in oneDNN (through torch's ``mkldnn::_linear_pointwise``) on weights prepacked once by
+``prepack_linear``; everything else is fastbert's own C++ (AVX-512 + AVX512-BF16 path chosen at run time).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+UNAVAILABLE_REASON: str | None = None
+
+try:
+    from . import _C  # noqa: F401  (importing registers torch.ops.fastbert.*)
+except Exception as exc:  # ImportError, or an extension built against another torch (undefined symbol)
+    UNAVAILABLE_REASON = f"fastbert._C failed to import: {type(exc).__name__}: {exc}"
+
+if UNAVAILABLE_REASON is None:
+    _ops = torch.ops.fastbert
+
+    # Shapes only, so that torch.compile / FakeTensor can trace through the ops.
+    @torch.library.register_fake("fastbert::embeddings")
+    def _embeddings_fake(
+        input_ids,
+        position_ids,
+        token_type_ids,
+        word_weight,
+        position_weight,
+        token_type_weight,
+        ln_weight,
+        ln_bias,
+        eps,
+    ):
+        return word_weight.new_empty(input_ids.shape[0], word_weight.shape[1])
+
+    @torch.library.register_fake("fastbert::add_layernorm")
+    def _add_layernorm_fake(x, residual, ln_weight, ln_bias, eps):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("fastbert::bias_activation")
+    def _bias_activation_fake(x, bias, act):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("fastbert::bias_residual_layernorm")
+    def _bias_residual_layernorm_fake(x, bias, residual, ln_weight, ln_bias, eps):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("fastbert::linear")
+    def _linear_fake(x, weight, bias, act, packed):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.register_fake("fastbert::linear_residual_layernorm")
+    def _linear_residual_layernorm_fake(x, weight, bias, residual, ln_weight, ln_bias, eps, packed):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.register_fake("fastbert::attention")
+    def _attention_fake(qkv, cu_seqlens, max_seqlen, num_heads, scale):
+        return qkv.new_empty(qkv.shape[0], qkv.shape[1] // 3)
+
+
+def isa(name: str = "") -> str:
+    """The kernel table in use ("avx512" or "base"); ``isa("base")`` switches to the portable baseline."""
+    return torch.ops.fastbert._set_isa(name)
+
+
+def embeddings(
+    input_ids: Tensor,
+    position_ids: Tensor,
+    token_type_ids: Tensor | None,
+    word_weight: Tensor,
+    position_weight: Tensor,
+    token_type_weight: Tensor | None,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    eps: float,
+) -> Tensor:
+    """LayerNorm(word[ids] + position[pos] + type[tt]); see ``fastbert.reference.embeddings``."""
+    return _ops.embeddings(
+        input_ids,
+        position_ids,
+        token_type_ids,
+        word_weight,
+        position_weight,
+        token_type_weight,
+        ln_weight,
+        ln_bias,
+        float(eps),
+    )
+
+
+def add_layernorm(x: Tensor, residual: Tensor | None, ln_weight: Tensor, ln_bias: Tensor, eps: float) -> Tensor:
+    """LayerNorm(x + residual); see ``fastbert.reference.add_layernorm``."""
+    return _ops.add_layernorm(x, residual, ln_weight, ln_bias, float(eps))
+
+
+def bias_activation(x: Tensor, bias: Tensor | None, act: str | None) -> Tensor:
+    """act(x + bias); see ``fastbert.reference.bias_activation``."""
+    return _ops.bias_activation(x, bias, act)
+
+
+def bias_residual_layernorm(
+    x: Tensor, bias: Tensor | None, residual: Tensor, ln_weight: Tensor, ln_bias: Tensor, eps: float
+) -> Tensor:
+    """LayerNorm(x + bias + residual); see ``fastbert.reference.bias_residual_layernorm``."""
+    return _ops.bias_residual_layernorm(x, bias, residual, ln_weight, ln_bias, float(eps))
+
+
+def prepack_linear(weight: Tensor) -> Any:
+    """The (N, K) weight reordered once into oneDNN's blocked layout (an MkldnnCPU tensor), or None.
+
+    None (the ops then read ``weight`` directly) when this torch has no oneDNN or the weight is not a float32 /
+    bfloat16 CPU tensor; the C++ ops raise the clear error for such weights themselves.
+    """
+    if not torch.backends.mkldnn.is_available() or weight.device.type != "cpu":
+        return None
+    if weight.dtype not in (torch.float32, torch.bfloat16) or weight.dim() != 2:
+        return None
+    with torch.no_grad():
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None, act: str | None = None, packed: Any = None) -> Tensor:
+    """act(x @ weight.T + bias); see ``fastbert.reference.linear``. ``packed`` comes from ``prepack_linear``."""
+    return _ops.linear(x, weight, bias, act, packed)
+
+
+def linear_residual_layernorm(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    residual: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    eps: float,
+    packed: Any = None,
+) -> Tensor:
+    """LayerNorm(x @ weight.T + bias + residual); see ``fastbert.reference.linear_residual_layernorm``."""
+    return _ops.linear_residual_layernorm(x, weight, bias, residual, ln_weight, ln_bias, float(eps), packed)
+
+
+def attention(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, num_heads: int, scale: float) -> Tensor:
+    """Packed-sequence attention; see ``fastbert.reference.attention``."""
+    return _ops.attention(qkv, cu_seqlens, int(max_seqlen), int(num_heads), float(scale))

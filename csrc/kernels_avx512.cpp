@@ -1,0 +1,186 @@
+// The kernels compiled with AVX-512 (F, BW, VL, DQ) + AVX512-BF16 + FMA enabled, plus intrinsics micro-kernels
+// for attention. Selected at run time only when the CPU has these extensions (dispatch.cpp). Every header is
+// included BEFORE the target pragma, and this file instantiates no std:: template, so no code compiled for
+// AVX-512 can be picked by the linker for a function that the baseline also uses.
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstdlib>
+
+#include "kernels.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTBERT_AVX512 1
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,bmi2"))), \
+                             apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,bmi2")
+#endif
+
+namespace fastbert {
+namespace avx512 {
+
+// exp(x) for x <= 0 (softmax after max subtraction): x = n ln2 + r, |r| <= ln2/2, degree-7 Taylor polynomial
+// (relative error < 1e-8 before rounding), scaled by 2^n with scalef (which also flushes large -n to 0).
+static inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));  // below this expf is 0 in float32 anyway
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 split hi/lo for exact n*ln2
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// S[r, j] = sum_d q[r, d] * kt[d, j] for R query rows and all Lp (multiple of 16) keys.
+template <int R>
+static inline void qk_block(const float* qb, int D, const float* kt, int Lp, float* s) {
+  int j = 0;
+  for (; j + 32 <= Lp; j += 32) {
+    __m512 a0[R], a1[R];
+    for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+    for (int d = 0; d < D; ++d) {
+      const float* kr = kt + static_cast<int64_t>(d) * Lp + j;
+      const __m512 k0 = _mm512_loadu_ps(kr);
+      const __m512 k1 = _mm512_loadu_ps(kr + 16);
+      for (int r = 0; r < R; ++r) {
+        const __m512 qv = _mm512_set1_ps(qb[r * D + d]);
+        a0[r] = _mm512_fmadd_ps(qv, k0, a0[r]);
+        a1[r] = _mm512_fmadd_ps(qv, k1, a1[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm512_storeu_ps(s + static_cast<int64_t>(r) * Lp + j, a0[r]);
+      _mm512_storeu_ps(s + static_cast<int64_t>(r) * Lp + j + 16, a1[r]);
+    }
+  }
+  for (; j < Lp; j += 16) {
+    __m512 a0[R];
+    for (int r = 0; r < R; ++r) a0[r] = _mm512_setzero_ps();
+    for (int d = 0; d < D; ++d) {
+      const __m512 k0 = _mm512_loadu_ps(kt + static_cast<int64_t>(d) * Lp + j);
+      for (int r = 0; r < R; ++r) a0[r] = _mm512_fmadd_ps(_mm512_set1_ps(qb[r * D + d]), k0, a0[r]);
+    }
+    for (int r = 0; r < R; ++r) _mm512_storeu_ps(s + static_cast<int64_t>(r) * Lp + j, a0[r]);
+  }
+}
+
+// In place: s[j] = exp(s[j] - max) for j < L; returns 1 / sum.
+static inline float softmax_row(float* s, int L) {
+  __m512 mx = _mm512_set1_ps(-__builtin_inff());
+  int j = 0;
+  for (; j + 16 <= L; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + j));
+  const __mmask16 tail = static_cast<__mmask16>((1u << (L - j)) - 1u);
+  if (L > j) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-__builtin_inff()), tail, s + j));
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  __m512 sum = _mm512_setzero_ps();
+  for (j = 0; j + 16 <= L; j += 16) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + j), m));
+    _mm512_storeu_ps(s + j, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  if (L > j) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + j), m));
+    _mm512_mask_storeu_ps(s + j, tail, e);
+    sum = _mm512_mask_add_ps(sum, tail, sum, e);
+  }
+  return 1.0f / _mm512_reduce_add_ps(sum);
+}
+
+// out[r, :] = inv[r] * sum_j p[r, j] v[j, :] for R rows, D = 16 * NV.
+template <int NV, int R>
+static inline void pv_block(const float* s, int Lp, int L, const float* v, int64_t ldv, const float* inv,
+                            bool bf16, void* out, int64_t ldo) {
+  __m512 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < NV; ++k) acc[r][k] = _mm512_setzero_ps();
+  for (int j = 0; j < L; ++j) {
+    const float* vr = v + j * ldv;
+    __m512 vv[NV];
+    for (int k = 0; k < NV; ++k) vv[k] = _mm512_loadu_ps(vr + 16 * k);
+    for (int r = 0; r < R; ++r) {
+      const __m512 p = _mm512_set1_ps(s[static_cast<int64_t>(r) * Lp + j]);
+      for (int k = 0; k < NV; ++k) acc[r][k] = _mm512_fmadd_ps(p, vv[k], acc[r][k]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m512 sc = _mm512_set1_ps(inv[r]);
+    if (bf16) {
+      uint16_t* o = static_cast<uint16_t*>(out) + r * ldo;
+      for (int k = 0; k < NV; ++k) {
+        const __m256bh h = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][k], sc));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16 * k), reinterpret_cast<const __m256i&>(h));
+      }
+    } else {
+      float* o = static_cast<float*>(out) + r * ldo;
+      for (int k = 0; k < NV; ++k) _mm512_storeu_ps(o + 16 * k, _mm512_mul_ps(acc[r][k], sc));
+    }
+  }
+}
+
+// Rows 0..R of the PV product in sub-blocks that keep R*NV accumulators + NV values within 32 zmm registers.
+template <int NV>
+static inline void pv_rows(int R, const float* s, int Lp, int L, const float* v, int64_t ldv, const float* inv,
+                           bool bf16, void* out, int64_t ldo) {
+  constexpr int kMaxRows = NV <= 5 ? 4 : 2;
+  int r = 0;
+  for (; r + kMaxRows <= R; r += kMaxRows)
+    pv_block<NV, kMaxRows>(s + static_cast<int64_t>(r) * Lp, Lp, L, v, ldv, inv + r, bf16,
+                           static_cast<char*>(out) + r * ldo * (bf16 ? 2 : 4), ldo);
+  for (; r < R; ++r)
+    pv_block<NV, 1>(s + static_cast<int64_t>(r) * Lp, Lp, L, v, ldv, inv + r, bf16,
+                    static_cast<char*>(out) + r * ldo * (bf16 ? 2 : 4), ldo);
+}
+
+// The AVX-512 path for head_dim in {16, 32, ..., 128}; returns false (caller runs the generic code) otherwise.
+static bool attn_rows_avx512(int R, const float* qb, int D, const float* kt, int Lp, int L, const float* v,
+                             int64_t ldv, float* s, bool bf16, void* out, int64_t ldo) {
+  if (D % 16 != 0 || D > 128 || D == 0) return false;
+  switch (R) {
+    case 1: qk_block<1>(qb, D, kt, Lp, s); break;
+    case 2: qk_block<2>(qb, D, kt, Lp, s); break;
+    case 3: qk_block<3>(qb, D, kt, Lp, s); break;
+    default: qk_block<4>(qb, D, kt, Lp, s); break;
+  }
+  float inv[4];
+  for (int r = 0; r < R; ++r) inv[r] = softmax_row(s + static_cast<int64_t>(r) * Lp, L);
+  switch (D / 16) {
+    case 1: pv_rows<1>(R, s, Lp, L, v, ldv, inv, bf16, out, ldo); break;
+    case 2: pv_rows<2>(R, s, Lp, L, v, ldv, inv, bf16, out, ldo); break;
+    case 3: pv_rows<3>(R, s, Lp, L, v, ldv, inv, bf16, out, ldo); break;
+    case 4: pv_rows<4>(R, s, Lp, L, v, ldv, inv, bf16, out, ldo); break;
+    case 5: pv_rows<5>(R, s, Lp, L, v, ldv, inv, bf16, out, ldo); break;
+    case 6: pv_rows<6>(R, s, Lp, L, v, ldv, inv, bf16, out, ldo); break;
+    case 7: pv_rows<7>(R, s, Lp, L, v, ldv, inv, bf16, out, ldo); break;
+    default: pv_rows<8>(R, s, Lp, L, v, ldv, inv, bf16, out, ldo); break;
+  }
+  return true;
+}
+
+#include "kernels_impl.h"
+
+}  // namespace avx512
+}  // namespace fastbert
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+#else  // not x86-64 GCC/Clang: no AVX-512 table; the dispatcher never selects it.
+namespace fastbert {
+namespace avx512 {
+#include "kernels_impl.h"
+}  // namespace avx512
+}  // namespace fastbert
+#endif

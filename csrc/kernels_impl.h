@@ -1,0 +1,272 @@
+// Portable kernel bodies, included inside `namespace fastbert::<isa>` by kernels_base.cpp and kernels_avx512.cpp
+// (see kernels.h). Rules for this file: no #include, no std:: templates (they would be instantiated under the
+// AVX-512 target and could be shared with the baseline by the linker); compiler builtins only.
+// Loops are written so that GCC/Clang vectorize them at -O3 for whichever ISA the including file targets.
+// When FASTBERT_AVX512 is defined, the including file has already defined the intrinsics helpers used below
+// (exp512, attn_rows_avx512).
+
+static inline float bf16_to_f32(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+
+// Round to nearest even, NaN kept quiet: the same rounding as torch's float -> bfloat16 conversion.
+static inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+static inline void load_row(const void* src, int64_t n, bool bf16, float* dst) {
+  if (bf16) {
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(s[i]);
+  } else {
+    const float* s = static_cast<const float*>(src);
+    for (int64_t i = 0; i < n; ++i) dst[i] = s[i];
+  }
+}
+
+static inline void add_row(const void* src, int64_t n, bool bf16, float* dst) {
+  if (bf16) {
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    for (int64_t i = 0; i < n; ++i) dst[i] += bf16_to_f32(s[i]);
+  } else {
+    const float* s = static_cast<const float*>(src);
+    for (int64_t i = 0; i < n; ++i) dst[i] += s[i];
+  }
+}
+
+static inline void store_row(const float* src, int64_t n, bool bf16, void* dst) {
+  if (bf16) {
+    uint16_t* d = static_cast<uint16_t*>(dst);
+    for (int64_t i = 0; i < n; ++i) d[i] = f32_to_bf16(src[i]);
+  } else {
+    float* d = static_cast<float*>(dst);
+    for (int64_t i = 0; i < n; ++i) d[i] = src[i];
+  }
+}
+
+static inline const void* elem(const void* base, int64_t offset, bool bf16) {
+  return static_cast<const char*>(base) + offset * (bf16 ? 2 : 4);
+}
+
+static inline void* elem(void* base, int64_t offset, bool bf16) {
+  return static_cast<char*>(base) + offset * (bf16 ? 2 : 4);
+}
+
+// Sum with 16 independent partial sums: vectorizable without -ffast-math, and more accurate than one chain.
+static inline float sum16(const float* v, int64_t n) {
+  float acc[16] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int k = 0; k < 16; ++k) acc[k] += v[i + k];
+  for (; i < n; ++i) acc[i & 15] += v[i];
+  float s = 0.f;
+  for (int k = 0; k < 16; ++k) s += acc[k];
+  return s;
+}
+
+static inline float sumsq_centered16(const float* v, int64_t n, float mean) {
+  float acc[16] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int k = 0; k < 16; ++k) {
+      float d = v[i + k] - mean;
+      acc[k] += d * d;
+    }
+  for (; i < n; ++i) {
+    float d = v[i] - mean;
+    acc[i & 15] += d * d;
+  }
+  float s = 0.f;
+  for (int k = 0; k < 16; ++k) s += acc[k];
+  return s;
+}
+
+// In place on buf: two-pass moments in float32, then the affine transform; writes the row to dst.
+static inline void layernorm_store(float* buf, int64_t n, const float* gamma, const float* beta, float eps,
+                                   bool bf16, void* dst) {
+  const float mean = sum16(buf, n) / static_cast<float>(n);
+  const float var = sumsq_centered16(buf, n, mean) / static_cast<float>(n);
+  const float rstd = 1.0f / __builtin_sqrtf(var + eps);
+  for (int64_t i = 0; i < n; ++i) buf[i] = (buf[i] - mean) * rstd * gamma[i] + beta[i];
+  store_row(buf, n, bf16, dst);
+}
+
+static float* alloc_floats(int64_t n) {
+  // 64-byte aligned scratch, rounded up to whole cache lines (aligned_alloc needs a multiple of the alignment).
+  size_t bytes = static_cast<size_t>((n * 4 + 63) / 64 * 64);
+  if (bytes == 0) bytes = 64;
+  return static_cast<float*>(aligned_alloc(64, bytes));
+}
+
+static void add_layernorm(int64_t r0, int64_t r1, int64_t n, const void* x, int64_t sx, const void* res,
+                          int64_t sr, const float* bias, const float* gamma, const float* beta, float eps, void* out,
+                          int64_t so, bool bf16) {
+  float* buf = alloc_floats(n);
+  for (int64_t r = r0; r < r1; ++r) {
+    load_row(elem(x, r * sx, bf16), n, bf16, buf);
+    if (bias != nullptr)
+      for (int64_t i = 0; i < n; ++i) buf[i] += bias[i];
+    if (res != nullptr) add_row(elem(res, r * sr, bf16), n, bf16, buf);
+    layernorm_store(buf, n, gamma, beta, eps, bf16, elem(out, r * so, bf16));
+  }
+  free(buf);
+}
+
+static inline float activate(float v, int act) {
+  switch (act) {
+    case kActGelu:
+      return 0.5f * v * (1.0f + __builtin_erff(v * 0.70710678118654752f));
+    case kActGeluTanh: {
+      const float inner = 0.79788456080286536f * (v + 0.044715f * v * v * v);  // sqrt(2/pi) (x + 0.044715 x^3)
+      return 0.5f * v * (1.0f + __builtin_tanhf(inner));
+    }
+    case kActRelu:
+      return v > 0.f ? v : 0.f;
+    case kActSilu:
+      return v / (1.0f + __builtin_expf(-v));
+    case kActTanh:
+      return __builtin_tanhf(v);
+    default:
+      return v;
+  }
+}
+
+static void bias_activation(int64_t r0, int64_t r1, int64_t n, const void* x, int64_t sx, const float* bias,
+                            int act, void* out, int64_t so, bool bf16) {
+  float* buf = alloc_floats(n);
+  for (int64_t r = r0; r < r1; ++r) {
+    load_row(elem(x, r * sx, bf16), n, bf16, buf);
+    if (bias != nullptr)
+      for (int64_t i = 0; i < n; ++i) buf[i] += bias[i];
+    if (act != kActNone)
+      for (int64_t i = 0; i < n; ++i) buf[i] = activate(buf[i], act);
+    store_row(buf, n, bf16, elem(out, r * so, bf16));
+  }
+  free(buf);
+}
+
+static void embeddings(int64_t t0, int64_t t1, int64_t e, const int64_t* ids, const int64_t* pos_ids,
+                       const int64_t* tt_ids, const void* word, int64_t sw, const void* pos, int64_t sp,
+                       const void* type, int64_t st, const float* gamma, const float* beta, float eps, void* out,
+                       bool bf16) {
+  float* buf = alloc_floats(e);
+  for (int64_t t = t0; t < t1; ++t) {
+    load_row(elem(word, ids[t] * sw, bf16), e, bf16, buf);
+    add_row(elem(pos, pos_ids[t] * sp, bf16), e, bf16, buf);
+    if (type != nullptr) add_row(elem(type, (tt_ids != nullptr ? tt_ids[t] : 0) * st, bf16), e, bf16, buf);
+    layernorm_store(buf, e, gamma, beta, eps, bf16, elem(out, t * e, bf16));
+  }
+  free(buf);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Attention. Per task: K of the (sequence, head) is transposed once into kt (D x Lp, Lp = len rounded up to 16,
+// zero-padded) so that a score row is a sum of D axpys over contiguous keys; V is used in place (fp32) or
+// converted once to fp32 (bf16). Queries go in blocks of up to 4 rows (pre-scaled), scores in fp32, softmax in
+// fp32 over exactly `len` keys, output normalised by 1/sum at the end. Tokens of other sequences are never read.
+// ---------------------------------------------------------------------------------------------------------
+
+static constexpr int kQRows = 4;
+
+static void attn_rows_generic(int R, const float* qb, int D, const float* kt, int Lp, int L, const float* v,
+                              int64_t ldv, float* s, float* ob, bool bf16, void* out, int64_t ldo) {
+  for (int r = 0; r < R; ++r) {
+    float* sr = s + static_cast<int64_t>(r) * Lp;
+    for (int j = 0; j < Lp; ++j) sr[j] = 0.f;
+    for (int d = 0; d < D; ++d) {
+      const float qd = qb[r * D + d];
+      const float* kr = kt + static_cast<int64_t>(d) * Lp;
+      for (int j = 0; j < Lp; ++j) sr[j] += qd * kr[j];
+    }
+    float m = sr[0];
+    for (int j = 1; j < L; ++j) m = sr[j] > m ? sr[j] : m;
+    float sum = 0.f;
+    for (int j = 0; j < L; ++j) {
+      sr[j] = __builtin_expf(sr[j] - m);
+      sum += sr[j];
+    }
+    const float inv = 1.0f / sum;
+    for (int d = 0; d < D; ++d) ob[d] = 0.f;
+    for (int j = 0; j < L; ++j) {
+      const float p = sr[j];
+      const float* vr = v + j * ldv;
+      for (int d = 0; d < D; ++d) ob[d] += p * vr[d];
+    }
+    for (int d = 0; d < D; ++d) ob[d] *= inv;
+    store_row(ob, D, bf16, elem(out, r * ldo, bf16));
+  }
+}
+
+static void attention(const AttnTask* tasks, int64_t n, const void* qkv, int64_t ld, int num_heads, int D,
+                      float scale, void* out, int64_t ldo, int max_len, bool bf16) {
+  const int lp_max = (max_len + 15) / 16 * 16;
+  const int64_t hidden = static_cast<int64_t>(num_heads) * D;
+  float* kt = alloc_floats(static_cast<int64_t>(D) * lp_max);
+  float* vb = bf16 ? alloc_floats(static_cast<int64_t>(max_len) * D) : nullptr;
+  float* qb = alloc_floats(static_cast<int64_t>(kQRows) * D);
+  float* s = alloc_floats(static_cast<int64_t>(kQRows) * lp_max);
+  float* ob = alloc_floats(D);
+  int64_t cur_start = -1;
+  int cur_head = -1, cur_len = -1;
+  for (int64_t t = 0; t < n; ++t) {
+    const AttnTask& task = tasks[t];
+    const int L = task.len;
+    const int Lp = (L + 15) / 16 * 16;
+    const int64_t kcol = hidden + static_cast<int64_t>(task.head) * D;
+    const int64_t vcol = 2 * hidden + static_cast<int64_t>(task.head) * D;
+    if (task.start != cur_start || task.head != cur_head || L != cur_len) {
+      cur_start = task.start;
+      cur_head = task.head;
+      cur_len = L;
+      for (int j = 0; j < L; ++j) {
+        const int64_t row = (task.start + j) * ld;
+        if (bf16) {
+          const uint16_t* kr = static_cast<const uint16_t*>(qkv) + row + kcol;
+          for (int d = 0; d < D; ++d) kt[static_cast<int64_t>(d) * Lp + j] = bf16_to_f32(kr[d]);
+          const uint16_t* vr = static_cast<const uint16_t*>(qkv) + row + vcol;
+          for (int d = 0; d < D; ++d) vb[static_cast<int64_t>(j) * D + d] = bf16_to_f32(vr[d]);
+        } else {
+          const float* kr = static_cast<const float*>(qkv) + row + kcol;
+          for (int d = 0; d < D; ++d) kt[static_cast<int64_t>(d) * Lp + j] = kr[d];
+        }
+      }
+      for (int d = 0; d < D; ++d)
+        for (int j = L; j < Lp; ++j) kt[static_cast<int64_t>(d) * Lp + j] = 0.f;
+    }
+    const float* v = bf16 ? vb : static_cast<const float*>(qkv) + task.start * ld + vcol;
+    const int64_t ldv = bf16 ? D : ld;
+    for (int q = task.q0; q < task.q1; q += kQRows) {
+      const int R = task.q1 - q < kQRows ? task.q1 - q : kQRows;
+      for (int r = 0; r < R; ++r) {
+        const int64_t row = (task.start + q + r) * ld + static_cast<int64_t>(task.head) * D;
+        load_row(elem(qkv, row, bf16), D, bf16, qb + r * D);
+        for (int d = 0; d < D; ++d) qb[r * D + d] *= scale;
+      }
+      void* orow = elem(out, (task.start + q) * ldo + static_cast<int64_t>(task.head) * D, bf16);
+#ifdef FASTBERT_AVX512
+      if (attn_rows_avx512(R, qb, D, kt, Lp, L, v, ldv, s, bf16, orow, ldo)) continue;
+#endif
+      attn_rows_generic(R, qb, D, kt, Lp, L, v, ldv, s, ob, bf16, orow, ldo);
+    }
+  }
+  free(kt);
+  free(vb);
+  free(qb);
+  free(s);
+  free(ob);
+}
+
+const Kernels kKernels = {
+#ifdef FASTBERT_AVX512
+    "avx512",
+#else
+    "base",
+#endif
+    add_layernorm, bias_activation, embeddings, attention};
