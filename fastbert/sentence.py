@@ -355,7 +355,9 @@ class TextTokenizer:
 
     def encode(self, inputs: list[str] | list[tuple[str, str]]) -> list[Any]:
         """Tokenize texts (or (text, text) pairs) with special tokens, truncated to ``max_length``."""
-        return self.tokenizer.encode_batch(inputs, add_special_tokens=True)
+        # encode_batch_fast (tokenizers >= 0.20) skips character offsets, which nothing here needs.
+        encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
+        return encode(inputs, add_special_tokens=True)
 
     def prompt_length(self, prompt: str) -> int:
         """Tokens a prompt occupies at the start of a text (the trailing special token is not counted)."""
