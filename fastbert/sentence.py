@@ -333,8 +333,12 @@ class TextTokenizer:
         tok_config = _read_json_if_exists(os.path.join(folder, "tokenizer_config.json"))
         path = os.path.join(folder, "tokenizer.json")
         if os.path.isfile(path):
-            from tokenizers import Tokenizer
-
+            try:
+                from tokenizers import Tokenizer
+            except ImportError as exc:
+                raise ImportError(
+                    "fastbert's text encoders need the tokenizers package: pip install 'fastbert[text]'"
+                ) from exc
             tokenizer = Tokenizer.from_file(path)
         else:  # vocab.txt / sentencepiece only: let transformers build the fast (Rust) tokenizer once
             from transformers import AutoTokenizer
