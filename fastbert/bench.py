@@ -867,6 +867,41 @@ def _cell_title(rows: list[dict[str, Any]]) -> str:
     )
 
 
+def summary_tables(report: dict[str, Any]) -> list[tuple[str, tuple[str, ...], list[tuple[str, ...]]]]:
+    """Per model and dtype: (title, header, rows) with one row per system and "ms (speed-up vs hf-eager)" per size."""
+    panels: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in report["results"]:
+        panels.setdefault((r["model"], r["dtype"]), []).append(r)
+    out = []
+    for (model, dtype), rows in panels.items():
+        sizes = list(dict.fromkeys(r["size"] for r in rows))
+        body = []
+        for system in dict.fromkeys(r["system"] for r in rows):
+            mine = {r["size"]: r for r in rows if r["system"] == system}
+            cells = []
+            for size in sizes:
+                r = mine.get(size)
+                if r is None or r["status"] != "ok":
+                    cells.append("-" if r is None else "error")
+                else:
+                    cells.append(f"{_fmt_ms(r['median_ms'])} ({_fmt_x(r['speedup_vs_eager'])})")
+            errors = [r["max_abs_err"] for r in mine.values() if r["status"] == "ok"]
+            worst = max(errors, key=lambda e: math.inf if math.isnan(e) else e) if errors else math.nan
+            body.append((system, *cells, _fmt_err(worst)))
+        out.append((f"{model} {dtype}: median ms (speed-up vs hf-eager)", ("system", *sizes, "max abs err"), body))
+    return out
+
+
+def _aligned(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=True)]
+    return [
+        "  ".join(
+            str(x).ljust(w) if i == 0 else str(x).rjust(w) for i, (x, w) in enumerate(zip(values, widths, strict=True))
+        ).rstrip()
+        for values in (header, *body)
+    ]
+
+
 def render_text(report: dict[str, Any]) -> str:
     meta = report["meta"]
     v = meta["versions"]
@@ -875,15 +910,9 @@ def render_text(report: dict[str, Any]) -> str:
         f"torch {v['torch']}, transformers {v['transformers']}, git {(meta['git_sha'] or '?')[:10]}",
     ]
     for _, rows in _cells(report):
-        body = table_rows(rows)
-        widths = [max(len(str(x)) for x in col) for col in zip(TABLE_HEADER, *body, strict=True)]
-        lines += ["", _cell_title(rows)]
-        for values in (TABLE_HEADER, *body):
-            cols = [
-                str(x).ljust(w) if i == 0 else str(x).rjust(w)
-                for i, (x, w) in enumerate(zip(values, widths, strict=True))
-            ]
-            lines.append("  ".join(cols).rstrip())
+        lines += ["", _cell_title(rows), *_aligned(TABLE_HEADER, table_rows(rows))]
+    for title, header, body in summary_tables(report):
+        lines += ["", f"summary, {title}", *_aligned(header, body)]
     if report["skipped"]:
         lines += ["", "not run:"] + [f"  {s['system']}: {s['reason']}" for s in report["skipped"]]
     lines += [
@@ -913,6 +942,10 @@ METHOD = """\
   ONNX Runtime at its default graph optimisation level; OpenVINO precision hint = the dtype (f32 / bf16)."""
 
 
+def _fmt_load(x: float | None) -> str:
+    return "?" if x is None else f"{x:.2f}"
+
+
 def render_markdown(report: dict[str, Any], note: str = "") -> str:
     meta = report["meta"]
     v = meta["versions"]
@@ -928,7 +961,9 @@ def render_markdown(report: dict[str, Any], note: str = "") -> str:
         f"{meta['threads']} threads; {meta['platform']}, Python {meta['python']}",
         f"- **Versions:** {versions}",
         f"- **Commit:** {sha}{' (uncommitted changes)' if meta['git_dirty'] else ''}",
-        f"- **Load average (1 min):** {load['start']} at start, {load['end']} at end",
+        f"- **Load average (1 min):** {_fmt_load(load['start'])} at start, {_fmt_load(load['end'])} at end "
+        f"({meta['cpu_count']} CPUs; the benchmark itself accounts for about {meta['threads']}, more means other work "
+        "shared the cores)",
     ]
     if note:
         lines.append(f"- **Conditions:** {note}")
@@ -937,7 +972,11 @@ def render_markdown(report: dict[str, Any], note: str = "") -> str:
         f"{', random weights' if m['random_weights'] else ''})"
         for label, m in meta["models"].items()
     )
-    lines += [f"- **Models:** {models}", "", "## Method", "", METHOD.format(**meta), "", "## Results"]
+    lines += [f"- **Models:** {models}", "", "## Summary"]
+    for title, header, body in summary_tables(report):
+        lines += ["", f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in body]
+    lines += ["", "## Method", "", METHOD.format(**meta), "", "## Results by size"]
     for _, rows in _cells(report):
         lines += [
             "",
@@ -962,23 +1001,32 @@ def render_plot(report: dict[str, Any], path: str) -> None:
     panels: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in report["results"]:
         panels.setdefault((r["model"], r["dtype"]), []).append(r)
-    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3.6 * len(panels)), squeeze=False)
+    systems = [s for s in dict.fromkeys(r["system"] for r in report["results"]) if s != "hf-eager"]
+    colors = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(systems)}  # one colour per system throughout
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3.4 * len(panels) + 0.6), squeeze=False)
+    width = 0.8 / max(len(systems), 1)
     for ax, ((model, dtype), rows) in zip(axes[:, 0], panels.items(), strict=True):
         sizes = list(dict.fromkeys(r["size"] for r in rows))
-        systems = [s for s in dict.fromkeys(r["system"] for r in rows) if s != "hf-eager"]
-        width = 0.8 / max(len(systems), 1)
         for i, system in enumerate(systems):
             by_size = {r["size"]: r["speedup_vs_eager"] for r in rows if r["system"] == system}
             heights = [by_size.get(s) or 0.0 for s in sizes]
             xs = [j + (i - (len(systems) - 1) / 2) * width for j in range(len(sizes))]
-            bars = ax.bar(xs, heights, width, label=system)
+            bars = ax.bar(xs, heights, width, color=colors[system], label=system)
             ax.bar_label(bars, labels=[f"{h:.2f}" if h else "" for h in heights], fontsize=7)
         ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.1)
         ax.set_xticks(range(len(sizes)), sizes)
         ax.set_ylabel("speed-up vs hf-eager")
-        ax.set_title(f"{model} {dtype} on {report['meta']['device_name']} ({report['meta']['threads']} threads)")
-        ax.legend(fontsize=8, ncols=min(len(systems), 4))
-    fig.tight_layout()
+        ax.set_title(f"{model} {dtype}", fontsize=10)
+    meta = report["meta"]
+    height = fig.get_figheight()
+    fig.suptitle(
+        f"{meta['device_name']}, {meta['threads']} threads (higher is better)", y=1 - 0.1 / height, fontsize=10
+    )
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[s]) for s in systems]
+    fig.legend(handles, systems, loc="upper center", bbox_to_anchor=(0.5, 1 - 0.3 / height), ncols=min(len(systems), 7),
+               fontsize=8, frameon=False)  # fmt: skip
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / height))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
