@@ -704,6 +704,10 @@ def run_report(
     names, notes = expand_systems(systems, device)
     skipped = [{"system": name, "reason": why} for name, why in notes]
     start_load = _load()
+    if start_load is not None and start_load > (os.cpu_count() or 1) - threads + 0.5:
+        print(f"fastbert bench: the machine is busy (load average {start_load:.1f} on {os.cpu_count()} CPUs): timings "
+              f"will be noisy; with {threads} threads on shared cores, OpenMP waits can dominate (try --threads 1)",
+              file=sys.stderr)  # fmt: skip
     started = datetime.now(timezone.utc)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="fastbert-bench-") as tmp, _hf_progress_bars_off():
