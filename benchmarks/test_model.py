@@ -32,7 +32,7 @@ class _Cache:
             self.models[name] = bench.load_bench_model(name, self.workdir)
         return self.models[name]
 
-    def case(
+    def reference_case(
         self, model: bench.BenchModel, size: bench.Size
     ) -> tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor]:
         """(ids, mask, lengths, transformers eager fp32 output) for one input size."""
@@ -62,17 +62,23 @@ def cache(workdir: str, device: torch.device, threads: int) -> _Cache:
     return _Cache(workdir, device)
 
 
-def test_model(
-    measure: Any, cache: _Cache, system: str, model_name: str, dtype: str, size: bench.Size, device: torch.device
-) -> None:
+@pytest.fixture
+def case(
+    cache: _Cache, system: str, model_name: str, dtype: str, size: bench.Size, device: torch.device
+) -> tuple[bench.System, bench.BenchModel, tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor]]:
+    """(prepared system, model, (ids, mask, lengths, reference)); skips with the reason when it cannot run here."""
     reason = bench.make_system(system).unavailable(device, bench.DTYPES[dtype])
     if reason is not None:
         pytest.skip(f"{system}: {reason}")
     if system == "fastbert-triton" and device.type == "cpu" and model_name != "tiny":
         pytest.skip("the Triton interpreter is for correctness: on CPU only the tiny model (FASTBERT_BENCH_TINY=1)")
     model = cache.model(model_name)
-    ids, mask, lengths, ref = cache.case(model, size)
-    runner = cache.system(system, model, dtype)
+    inputs = cache.reference_case(model, size)
+    return cache.system(system, model, dtype), model, inputs
+
+
+def test_model(case: Any, measure: Any, system: str, dtype: str, size: bench.Size) -> None:
+    runner, model, (ids, mask, lengths, ref) = case
     measure(
         lambda: runner.run(ids, mask),
         group=f"model {model.label} {dtype} {size.label}",

@@ -35,7 +35,7 @@ def _itemsize(dtype: str) -> int:
 
 @pytest.mark.parametrize("packing", ["dense", "varlen"])
 def test_attention(
-    measure: Any, backend_ops: Any, backend: str, dtype: str, device: torch.device, shape: Any, packing: str
+    backend_ops: Any, measure: Any, backend: str, dtype: str, device: torch.device, shape: Any, packing: str
 ) -> None:
     size = shape.dense if packing == "dense" else shape.varlen
     lengths = size.lengths()
@@ -55,7 +55,7 @@ def test_attention(
 
 
 @pytest.mark.parametrize("op", ["add_layernorm", "bias_residual_layernorm"])
-def test_norms(measure: Any, backend_ops: Any, backend: str, dtype: str, device: torch.device, shape: Any, op: str):
+def test_norms(backend_ops: Any, measure: Any, backend: str, dtype: str, device: torch.device, shape: Any, op: str):
     tokens, h = shape.dense.batch * shape.dense.seqlen, shape.hidden
     x, residual = _rand(tokens, h, dtype=dtype, device=device), _rand(tokens, h, dtype=dtype, device=device)
     ln_w = _rand(h, dtype=dtype, device=device, scale=0.1, shift=1.0)
@@ -75,7 +75,7 @@ def test_norms(measure: Any, backend_ops: Any, backend: str, dtype: str, device:
     )
 
 
-def test_activation(measure: Any, backend_ops: Any, backend: str, dtype: str, device: torch.device, shape: Any):
+def test_activation(backend_ops: Any, measure: Any, backend: str, dtype: str, device: torch.device, shape: Any):
     tokens, n = shape.dense.batch * shape.dense.seqlen, shape.intermediate
     args = (_rand(tokens, n, dtype=dtype, device=device), _rand(n, dtype=dtype, device=device, scale=0.1), "gelu")
     measure(
@@ -89,7 +89,7 @@ def test_activation(measure: Any, backend_ops: Any, backend: str, dtype: str, de
     )
 
 
-def test_embeddings(measure: Any, backend_ops: Any, backend: str, dtype: str, device: torch.device, shape: Any):
+def test_embeddings(backend_ops: Any, measure: Any, backend: str, dtype: str, device: torch.device, shape: Any):
     size, h = shape.dense, shape.hidden
     tokens = size.batch * size.seqlen
     args = (
@@ -116,7 +116,7 @@ def test_embeddings(measure: Any, backend_ops: Any, backend: str, dtype: str, de
 
 @pytest.mark.parametrize("op", ["linear+gelu", "linear+residual+layernorm"])
 def test_linear_epilogue(
-    measure: Any, backend_ops: Any, backend: str, dtype: str, device: torch.device, shape: Any, op: str
+    backend_ops: Any, measure: Any, backend: str, dtype: str, device: torch.device, shape: Any, op: str
 ) -> None:
     # The feed-forward block's two GEMMs: H -> I with bias + GELU, I -> H with bias + residual + LayerNorm.
     tokens = shape.dense.batch * shape.dense.seqlen
