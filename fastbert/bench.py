@@ -237,7 +237,6 @@ class System:
     """One way of running an encoder. ``run`` maps padded (ids, mask) to the padded last hidden state."""
 
     name: str = "?"
-    is_fastbert: bool = False
 
     def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
         """Why this system cannot run here (None when it can); checked before ``prepare``."""
@@ -255,8 +254,6 @@ class System:
 
 
 class FastbertSystem(System):
-    is_fastbert = True
-
     def __init__(self, backend: str):
         self.backend = backend
         self.name = f"fastbert-{backend}"
@@ -517,12 +514,12 @@ def measure_cell(
     rounds: int,
     warmup: int,
     min_sample_s: float,
-    tick: Callable[[str], None],
+    tick: Callable[[str, int], None],
 ) -> None:
     """Check and time every system on one input batch, interleaved; fills ``rows`` in place."""
     live: list[str] = []
     for name, system in systems.items():  # first call: correctness and cold start (compilation, caches)
-        tick(name)
+        tick(name, 1)
         row = rows[name]
         try:
             synchronize(device)
@@ -535,20 +532,27 @@ def measure_cell(
             live.append(name)
         except Exception as exc:  # one failing system must not sink the report
             row.status, row.message = "error", f"{type(exc).__name__}: {exc}"
+            tick(name, warmup + rounds)  # the calls it will not make
     per_call: dict[str, float] = {}
-    for r in range(warmup):
-        for name in live[r % max(len(live), 1) :] + live[: r % max(len(live), 1)]:
-            tick(name)
-            per_call[name] = _timed(systems[name], ids, mask, device, 1)
-    for name in live:  # repeat very short calls inside one sample so the timer's resolution does not matter
-        row = rows[name]
-        estimate = per_call.get(name, row.first_call_ms / 1e3)
-        row.inner = max(1, min(1000, math.ceil(min_sample_s / max(estimate, 1e-7))))
-    for r in range(rounds):
-        shift = r % max(len(live), 1)
+    for r in range(warmup + rounds):
+        if r == warmup:  # repeat very short calls inside one sample so the timer's resolution does not matter
+            for name in live:
+                estimate = per_call.get(name, rows[name].first_call_ms / 1e3)
+                rows[name].inner = max(1, min(1000, math.ceil(min_sample_s / max(estimate, 1e-7))))
+        shift = r % max(len(live), 1)  # rotate the order: A B C, B C A, C A B, ...
         for name in live[shift:] + live[:shift]:
-            tick(name)
-            rows[name].samples_ms.append(_timed(systems[name], ids, mask, device, rows[name].inner) * 1e3)
+            row = rows[name]
+            tick(name, 1)
+            if row.status != "ok":
+                continue
+            try:
+                if r < warmup:
+                    per_call[name] = _timed(systems[name], ids, mask, device, 1)
+                else:
+                    row.samples_ms.append(_timed(systems[name], ids, mask, device, row.inner) * 1e3)
+            except Exception as exc:
+                row.status, row.message = "error", f"{type(exc).__name__}: {exc}"
+                row.samples_ms.clear()
 
 
 def summarize(rows: list[Row]) -> None:
@@ -757,9 +761,9 @@ def run_report(
                         for name in prepared
                     }
 
-                    def tick(name: str, _label: str = f"{model.label} {dtype_name} {size.label}") -> None:
+                    def tick(name: str, n: int, _label: str = f"{model.label} {dtype_name} {size.label}") -> None:
                         bar.set_description(f"{_label} {name}")
-                        bar.update(1)
+                        bar.update(n)
 
                     measure_cell(
                         prepared,
