@@ -119,7 +119,8 @@ def load_bench_model(name_or_path: str, workdir: str | Path) -> BenchModel:
         shape = BUILTIN_MODELS[key]
         path, label, random_weights = build_random_model(shape, workdir), shape.label, True
     elif Path(name_or_path).is_dir():
-        path, label, random_weights = str(Path(name_or_path)), Path(name_or_path).name, False
+        resolved = Path(name_or_path).resolve()
+        path, label, random_weights = str(resolved), f"{resolved.parent.name}/{resolved.name}", False
     else:
         raise ValueError(
             f"unknown model {name_or_path!r}: use one of {', '.join(BUILTIN_MODELS)} or a local checkpoint directory"

@@ -169,3 +169,18 @@ def test_flop_count_and_inputs() -> None:
     assert (ids[mask == 0] == 0).all() and (ids[mask == 1] >= 500).all()
     with pytest.raises(ValueError, match="exceed"):
         bench.parse_size("1x512").make_inputs(model)
+
+
+def test_local_checkpoint_shapes(tmp_path) -> None:
+    from transformers import RobertaConfig, RobertaModel
+
+    cfg = RobertaConfig(vocab_size=800, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=48, max_position_embeddings=66, pad_token_id=1)  # fmt: skip
+    RobertaModel(cfg).save_pretrained(tmp_path / "tiny-roberta")
+    model = bench.load_bench_model(str(tmp_path / "tiny-roberta"), tmp_path / "work")
+    assert (model.model_type, model.hidden, model.layers, model.heads, model.intermediate) == ("roberta", 32, 1, 4, 48)
+    assert model.max_len == 64 and model.pad_id == 1 and not model.random_weights  # positions start after padding_idx
+    ids, mask, _ = bench.parse_size("3x2-64").make_inputs(model)
+    assert (ids[mask == 0] == 1).all()
+    with pytest.raises(ValueError, match="unknown model"):
+        bench.load_bench_model(str(tmp_path / "missing"), tmp_path / "work")
