@@ -51,7 +51,7 @@ def _attention_fwd_kernel(
     seqlen = tl.load(cu_seqlens_ptr + seq + 1) - start
     if pid_m * BLOCK_M >= seqlen:
         return
-    hidden: tl.constexpr = NUM_HEADS * HEAD_DIM
+    hidden = NUM_HEADS * HEAD_DIM  # constexpr: the q, k and v sections of a qkv row are this wide
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query positions within the sequence
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
