@@ -7,7 +7,7 @@ with passage sentences). No downloads. Reports sentences/s and tokens/s for each
 sentence-transformers measured in the same run, and the minimum cosine between the two systems' vectors.
 
     python benchmarks/encode.py                       # 10,000 sentences, 2 threads, fp32
-    python benchmarks/encode.py --n 1000 --no-write   # quick look, writes nothing
+    python benchmarks/encode.py --n 1000 --rounds 1 --no-write   # quick look, writes nothing
 """
 
 from __future__ import annotations
@@ -82,16 +82,6 @@ def git_sha() -> str:
         return "unknown"
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    """Best wall time of ``repeats`` runs (the least disturbed by other processes on a shared machine)."""
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, result
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="sentence-transformers folder (default: all-MiniLM-L6-v2)")
@@ -99,7 +89,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=32, help="batch_size passed to both systems")
     ap.add_argument("--backends", default="auto", help="comma-separated fastbert backends (auto = default)")
-    ap.add_argument("--repeats", type=int, default=1, help="runs per system (best is reported)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (each system once per round)")
     ap.add_argument("--no-write", action="store_true", help="print only; do not write benchmarks/results")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "encode-cpu"))
     args = ap.parse_args()
@@ -118,44 +108,55 @@ def main() -> int:
     texts = make_sentences(os.path.join(model_path, "vocab.txt"), args.n)
     load_before = os.getloadavg()
 
+    # Every system is warmed up once, then each round runs every system once, in rotating order; a system's
+    # time is its median over rounds, and its speedup the median of the per-round ratios to
+    # sentence-transformers (robust to load that drifts during the run on a shared machine).
     st_model = SentenceTransformer(model_path, device="cpu")
-    st_model.encode(texts[:256], batch_size=args.batch_size)  # warm-up
-    st_time, st_vecs = timed(
-        lambda: st_model.encode(texts, batch_size=args.batch_size, show_progress_bar=False), args.repeats
-    )
-    n_tokens = 0
-    rows = [
-        {"system": "sentence-transformers", "seconds": st_time, "sentences_per_s": args.n / st_time, "speedup": 1.0}
-    ]
-    print(f"sentence-transformers: {st_time:.2f} s, {args.n / st_time:.0f} sentences/s", flush=True)
-
+    systems: dict[str, object] = {"sentence-transformers": st_model}
     for backend in args.backends.split(","):
         enc = SentenceEncoder.from_pretrained(model_path, backend=backend)
-        if n_tokens == 0:
-            n_tokens = sum(len(e.ids) for e in enc.tokenizer.encode(texts))
-        enc.encode(texts[:256], batch_size=args.batch_size)  # warm-up
-        t, vecs = timed(
-            lambda enc=enc: enc.encode(texts, batch_size=args.batch_size, show_progress_bar=False), args.repeats
-        )
-        cos = (vecs * st_vecs).sum(1) / (np.linalg.norm(vecs, axis=1) * np.linalg.norm(st_vecs, axis=1))
-        name = f"fastbert[{enc.model.backend.name}]"
-        rows.append(
-            {
-                "system": name,
-                "seconds": t,
-                "sentences_per_s": args.n / t,
-                "speedup": st_time / t,
-                "min_cosine_vs_st": float(cos.min()),
-                "max_abs_diff_vs_st": float(np.abs(vecs - st_vecs).max()),
-            }
-        )
+        systems[f"fastbert[{enc.model.backend.name}]"] = enc
+    n_tokens = sum(
+        len(e.ids) for e in next(s for s in systems.values() if isinstance(s, SentenceEncoder)).tokenizer.encode(texts)
+    )
+    for model in systems.values():
+        model.encode(texts[:256], batch_size=args.batch_size, show_progress_bar=False)
+    times: dict[str, list[float]] = {name: [] for name in systems}
+    vectors: dict[str, np.ndarray] = {}
+    names = list(systems)
+    for r in range(args.rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            vectors[name] = systems[name].encode(texts, batch_size=args.batch_size, show_progress_bar=False)
+            times[name].append(time.perf_counter() - t0)
+            print(f"round {r}: {name}: {times[name][-1]:.2f} s", flush=True)
+    load_after = os.getloadavg()
+
+    ref = vectors["sentence-transformers"]
+    st_times = np.array(times["sentence-transformers"])
+    rows = []
+    for name in names:
+        t = np.array(times[name])
+        row = {
+            "system": name,
+            "seconds_median": float(np.median(t)),
+            "seconds_all": [round(x, 3) for x in t],
+            "sentences_per_s": args.n / float(np.median(t)),
+            "tokens_per_s": n_tokens / float(np.median(t)),
+            "speedup": float(np.median(st_times / t)),
+        }
+        if name != "sentence-transformers":
+            v = vectors[name]
+            cos = (v * ref).sum(1) / (np.linalg.norm(v, axis=1) * np.linalg.norm(ref, axis=1))
+            row["min_cosine_vs_st"] = float(cos.min())
+            row["max_abs_diff_vs_st"] = float(np.abs(v - ref).max())
+        rows.append(row)
         print(
-            f"{name}: {t:.2f} s, {args.n / t:.0f} sentences/s, {st_time / t:.2f}x, min cosine {cos.min():.9f}",
+            f"{name}: median {row['seconds_median']:.2f} s, {row['sentences_per_s']:.0f} sentences/s, "
+            f"{row['speedup']:.2f}x"
+            + (f", min cosine {row['min_cosine_vs_st']:.9f}" if "min_cosine_vs_st" in row else ""),
             flush=True,
         )
-    load_after = os.getloadavg()
-    for r in rows:
-        r["tokens_per_s"] = n_tokens / r["seconds"]
 
     result = {
         "benchmark": "encode",
@@ -169,12 +170,12 @@ def main() -> int:
         "n_tokens": n_tokens,
         "threads": args.threads,
         "batch_size": args.batch_size,
+        "rounds": args.rounds,
         "dtype": "float32",
         "loadavg_before": load_before,
         "loadavg_after": load_after,
         "rows": rows,
     }
-    print(json.dumps(result, indent=1))
     if not args.no_write:
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
         with open(args.out + ".json", "w") as fh:
@@ -196,10 +197,11 @@ def write_markdown(path: str, r: dict) -> None:
         "",
         f"Model {r['model']}, fp32; {r['n_sentences']} generated sentences of 5..80 words "
         f"({r['n_tokens']} tokens with special tokens, {r['n_tokens'] / r['n_sentences']:.1f} per sentence); "
-        f"batch_size {r['batch_size']} for both.",
+        f"batch_size {r['batch_size']} for both; {r['rounds']} interleaved rounds, time = median over rounds, "
+        "speedup = median of the per-round ratios.",
         "",
-        "| system | seconds | sentences/s | tokens/s | speedup vs ST | min cosine vs ST | max abs diff |",
-        "|---|---|---|---|---|---|---|",
+        "| system | median s | all rounds (s) | sentences/s | tokens/s | speedup vs ST | min cosine vs ST | max abs diff |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in r["rows"]:
         cos = f"{row['min_cosine_vs_st']:.9f}" if "min_cosine_vs_st" in row else "-"
