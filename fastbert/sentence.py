@@ -622,9 +622,10 @@ class SentenceEncoder:
         )
         prompts = {k: v for k, v in (st_model_config.get("prompts") or {}).items() if isinstance(v, str)}
         default = st_model_config.get("default_prompt_name")
+        param = next(model.parameters(), None)
         for m in after:
-            if isinstance(m, _Dense):
-                m.to(device=_model_device(model))
+            if isinstance(m, _Dense) and param is not None:
+                m.to(device=param.device, dtype=param.dtype)
         return cls(model, tokenizer, pooling, after, prompts=prompts, default_prompt_name=default)
 
     # -- properties ---------------------------------------------------------------------------------------
@@ -794,6 +795,8 @@ class CrossEncoder:
             activation_fn, _ = _default_cross_activation(model.config, self.num_labels)
         self.activation_fn = activation_fn
         self._truncation = _TruncationNotice()
+        # DistilBERT-style models have no token-type table: their pairs carry no segment ids.
+        self._token_types = (getattr(model.config, "type_vocab_size", 0) or 0) > 0
 
     @classmethod
     def from_pretrained(
@@ -868,7 +871,7 @@ class CrossEncoder:
                 chunk = self.tokenizer.encode(items[lo : lo + _TOKENIZE_CHUNK])
                 self._truncation.check(chunk, self.tokenizer.max_length)
                 for idx in token_budget_batches([len(e.ids) for e in chunk], budget):
-                    packed = TextTokenizer.pack([chunk[i] for i in idx], with_token_types=True).to(device)
+                    packed = TextTokenizer.pack([chunk[i] for i in idx], with_token_types=self._token_types).to(device)
                     logits = self.model.forward_packed(
                         packed.input_ids, packed.cu_seqlens, packed.max_seqlen, token_type_ids=packed.token_type_ids
                     )

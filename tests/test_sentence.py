@@ -185,6 +185,18 @@ def test_token_budget_batches_cover_everything_once():
         token_budget_batches([1], 0)
 
 
+def test_model_length_limit_per_family():
+    from transformers import BertConfig, RobertaConfig
+
+    from fastbert.sentence import _model_length_limit
+
+    assert _model_length_limit(BertConfig(max_position_embeddings=512)) == 512
+    assert _model_length_limit(RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512
+    assert (
+        _model_length_limit({"model_type": "xlm-roberta", "max_position_embeddings": 8194, "pad_token_id": 1}) == 8192
+    )
+
+
 PAIRS = [
     ("what is BERT?", "BERT is an encoder."),
     ("", "only a passage"),
@@ -538,3 +550,31 @@ def test_embed_cli_errors(tmp_path, base_folder, capsys):
     assert "must end in .npy or .jsonl" in capsys.readouterr().err
     assert _embed("--model", str(tmp_path / "nomodel"), "--in", str(good), "--out", str(tmp_path / "o.npy")) == 1
     assert "cannot load model" in capsys.readouterr().err
+
+
+def test_cross_encoder_distilbert_has_no_token_types(tmp_path):
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = DistilBertConfig(
+        vocab_size=30522, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=64, num_labels=1
+    )
+    hf_model = DistilBertForSequenceClassification(config).eval()
+    _save_with_tokenizer(hf_model, tmp_path)
+    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    batch = hf_tok(
+        [a for a, _ in PAIRS],
+        [b for _, b in PAIRS],
+        padding=True,
+        truncation="longest_first",
+        max_length=64,
+        return_tensors="pt",
+    )
+    batch.pop("token_type_ids", None)
+    with torch.inference_mode():
+        logits = hf_model(**batch).logits[:, 0]
+    ours = CrossEncoder.from_pretrained(str(tmp_path))
+    diff = float(np.abs(ours.predict(PAIRS) - torch.sigmoid(logits).numpy()).max())
+    raw_diff = float(np.abs(ours.predict(PAIRS, activation_fn=torch.nn.Identity()) - logits.numpy()).max())
+    print(f"distilbert cross-encoder: max abs diff {diff:.3e} (scores), {raw_diff:.3e} (logits)")
+    assert diff <= 1e-4 and raw_diff <= 1e-4
