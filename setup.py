@@ -16,10 +16,10 @@ if sources and os.environ.get("FASTBERT_NO_EXT", "0") in ("", "0"):
         CppExtension(
             "fastbert._C",
             sources,
-            # Portable x86-64 baseline: no -march=native. The AVX-512/AVX512-BF16 kernels live in
+            # Portable x86-64 baseline: no -march=native. The AVX-512 (F/BW/VL/DQ) kernels live in
             # csrc/kernels_avx512.cpp (target pragma) and are picked at run time with __builtin_cpu_supports;
             # oneDNN (inside libtorch) picks its own ISA. -fopenmp: at::parallel_for is inline OpenMP code.
-            extra_compile_args=["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"],
+            extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno"],
             extra_link_args=["-fopenmp"],
             depends=sorted(glob.glob(os.path.join("csrc", "*.h"))),
         )

@@ -1,7 +1,7 @@
 // Raw-pointer CPU kernels behind the torch.ops.fastbert.* operators (ops.cpp).
 //
 // The same source (kernels_impl.h) is compiled twice: for the portable x86-64 baseline (kernels_base.cpp) and
-// with AVX-512/AVX512-BF16 enabled (kernels_avx512.cpp, which adds intrinsics micro-kernels for attention).
+// with AVX-512 (F/BW/VL/DQ) enabled (kernels_avx512.cpp, which adds intrinsics micro-kernels for attention).
 // kernels() picks one table at first use with __builtin_cpu_supports. Nothing here includes torch headers,
 // so no inline torch/std code is ever compiled with AVX-512 and shared with the baseline by the linker.
 // Storage is float32 (`bf16 == false`) or bfloat16 held as uint16_t (`bf16 == true`); math is float32.
@@ -51,7 +51,7 @@ namespace avx512 {
 extern const Kernels kKernels;
 }
 
-// The table for this CPU (AVX-512 + AVX512-BF16 when present, else the baseline); FASTBERT_CPU_ISA=base forces
+// The table for this CPU (AVX-512 F/BW/VL/DQ when present, else the baseline); FASTBERT_CPU_ISA=base forces
 // the baseline (used by the tests to cover both paths on one machine).
 const Kernels& kernels();
 const Kernels& kernels_named(const char* name);

@@ -1,5 +1,7 @@
-// The kernels compiled with AVX-512 (F, BW, VL, DQ) + AVX512-BF16 + FMA enabled, plus intrinsics micro-kernels
-// for attention. Selected at run time only when the CPU has these extensions (dispatch.cpp). Every header is
+// The kernels compiled with AVX-512 (F, BW, VL, DQ) + FMA enabled, plus intrinsics micro-kernels for attention.
+// Selected at run time only when the CPU has these extensions (ops.cpp). AVX512-BF16 is not required: the one
+// float -> bfloat16 conversion here is done with integer AVX-512F instructions, so Skylake-SP / Cascade Lake /
+// Ice Lake Xeons (no AVX512-BF16) get this path too. Every header is
 // included BEFORE the target pragma, and this file instantiates no std:: template, so no code compiled for
 // AVX-512 can be picked by the linker for a function that the baseline also uses.
 #include <immintrin.h>
@@ -12,11 +14,11 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FASTBERT_AVX512 1
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,bmi2"))), \
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2"))), \
                              apply_to = function)
 #else
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,bmi2")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2")
 #endif
 
 namespace fastbert {
@@ -39,6 +41,16 @@ static inline __m512 exp512(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
+}
+
+// 16 floats -> 16 bfloat16, round to nearest even, NaN kept quiet: the same rounding as f32_to_bf16 (and torch).
+static inline __m256i cvt_ps_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x00400000));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
 }
 
 // S[r, j] = sum_d q[r, d] * kt[d, j] for R query rows and all Lp (multiple of 16) keys.
@@ -117,8 +129,7 @@ static inline void pv_block(const float* s, int Lp, int L, const float* v, int64
     if (bf16) {
       uint16_t* o = static_cast<uint16_t*>(out) + r * ldo;
       for (int k = 0; k < NV; ++k) {
-        const __m256bh h = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][k], sc));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16 * k), reinterpret_cast<const __m256i&>(h));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16 * k), cvt_ps_bf16(_mm512_mul_ps(acc[r][k], sc)));
       }
     } else {
       float* o = static_cast<float*>(out) + r * ldo;

@@ -145,8 +145,25 @@ static void bias_activation(int64_t r0, int64_t r1, int64_t n, const void* x, in
     load_row(elem(x, r * sx, bf16), n, bf16, buf);
     if (bias != nullptr)
       for (int64_t i = 0; i < n; ++i) buf[i] += bias[i];
-    if (act != kActNone)
-      for (int64_t i = 0; i < n; ++i) buf[i] = activate(buf[i], act);
+    // One loop per activation (the switch hoisted out) so that relu and the identity vectorize.
+    switch (act) {
+      case kActNone: break;
+      case kActRelu:
+        for (int64_t i = 0; i < n; ++i) buf[i] = buf[i] > 0.f ? buf[i] : 0.f;
+        break;
+      case kActGelu:
+        for (int64_t i = 0; i < n; ++i) buf[i] = activate(buf[i], kActGelu);
+        break;
+      case kActGeluTanh:
+        for (int64_t i = 0; i < n; ++i) buf[i] = activate(buf[i], kActGeluTanh);
+        break;
+      case kActSilu:
+        for (int64_t i = 0; i < n; ++i) buf[i] = activate(buf[i], kActSilu);
+        break;
+      default:
+        for (int64_t i = 0; i < n; ++i) buf[i] = activate(buf[i], kActTanh);
+        break;
+    }
     store_row(buf, n, bf16, elem(out, r * so, bf16));
   }
   free(buf);

@@ -27,8 +27,7 @@ static bool cpu_has_avx512() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("fma");
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
 #else
   return false;
 #endif
@@ -36,7 +35,7 @@ static bool cpu_has_avx512() {
 
 const Kernels& kernels_named(const char* name) {
   if (std::strcmp(name, "avx512") == 0) {
-    TORCH_CHECK(cpu_has_avx512(), "fastbert: ISA 'avx512' requested but this CPU lacks AVX-512/AVX512-BF16");
+    TORCH_CHECK(cpu_has_avx512(), "fastbert: ISA 'avx512' requested but this CPU lacks AVX-512 (F/BW/VL/DQ)");
     return avx512::kKernels;
   }
   TORCH_CHECK(std::strcmp(name, "base") == 0, "fastbert: unknown ISA '", name, "'; use 'avx512' or 'base'");

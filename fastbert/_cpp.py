@@ -3,7 +3,7 @@
 Same functions and signatures as ``fastbert.reference`` (the contract). If the extension cannot be loaded,
 ``UNAVAILABLE_REASON`` says why and ``fastbert.ops`` reports it; nothing here raises at import.
 GEMMs run in oneDNN (through torch's ``mkldnn::_linear_pointwise``) on weights prepacked once by
-``prepack_linear``; everything else is fastbert's own C++ (AVX-512 + AVX512-BF16 path chosen at run time).
+``prepack_linear``; everything else is fastbert's own C++ (AVX-512 path chosen at run time).
 """
 
 from __future__ import annotations
