@@ -8,6 +8,7 @@ both measured against the float64 reference. Every numeric test runs on both ker
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -350,3 +351,28 @@ def test_linear_bad_inputs():
 def test_layernorm_bad_weight_shape():
     with pytest.raises(RuntimeError, match=r"ln_weight must have shape \(8,\), got \[7\]"):
         _cpp.add_layernorm(torch.randn(3, 8), None, torch.ones(7), torch.zeros(8), 1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bfloat16 on a CPU without bfloat16 instructions
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_bf16_without_native_instructions_warns_once(monkeypatch):
+    monkeypatch.setattr(_cpp, "native_bf16", lambda: False)
+    monkeypatch.setattr(_cpp, "_warned_bf16", False)
+    w = torch.randn(8, 4).bfloat16()
+    with pytest.warns(UserWarning, match="no bfloat16 matrix instructions"):
+        _cpp.prepack_linear(w)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _cpp.prepack_linear(w)  # once only
+        _cpp.prepack_linear(w.float())  # never for float32
+
+
+def test_bf16_with_native_instructions_is_silent(monkeypatch):
+    monkeypatch.setattr(_cpp, "native_bf16", lambda: True)
+    monkeypatch.setattr(_cpp, "_warned_bf16", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _cpp.prepack_linear(torch.randn(8, 4).bfloat16())
