@@ -53,7 +53,8 @@ static inline __m256i cvt_ps_bf16(__m512 v) {
   return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
 }
 
-// S[r, j] = sum_d q[r, d] * kt[d, j] for R query rows and all Lp (multiple of 16) keys.
+// S[r, j] = sum_d q[r, d] * kt[d, j] for R (<= 8) query rows and all Lp (multiple of 16) keys: 2R accumulators,
+// and each pair of kt loads feeds 2R FMAs.
 template <int R>
 static inline void qk_block(const float* qb, int D, const float* kt, int Lp, float* s) {
   int j = 0;
@@ -142,11 +143,20 @@ static inline void pv_block(const float* s, int Lp, int L, const float* v, int64
 template <int NV>
 static inline void pv_rows(int R, const float* s, int Lp, int L, const float* v, int64_t ldv, const float* inv,
                            bool bf16, void* out, int64_t ldo) {
-  constexpr int kMaxRows = NV <= 5 ? 4 : 2;
+  constexpr int kMaxRows = NV <= 2 ? 8 : NV <= 3 ? 6 : NV <= 5 ? 4 : NV <= 7 ? 3 : 2;
   int r = 0;
   for (; r + kMaxRows <= R; r += kMaxRows)
     pv_block<NV, kMaxRows>(s + static_cast<int64_t>(r) * Lp, Lp, L, v, ldv, inv + r, bf16,
                            static_cast<char*>(out) + r * ldo * (bf16 ? 2 : 4), ldo);
+  // A sequence's last rows: still several rows per pass over V.
+  if constexpr (kMaxRows > 4)
+    for (; r + 4 <= R; r += 4)
+      pv_block<NV, 4>(s + static_cast<int64_t>(r) * Lp, Lp, L, v, ldv, inv + r, bf16,
+                      static_cast<char*>(out) + r * ldo * (bf16 ? 2 : 4), ldo);
+  if constexpr (kMaxRows > 2)
+    for (; r + 2 <= R; r += 2)
+      pv_block<NV, 2>(s + static_cast<int64_t>(r) * Lp, Lp, L, v, ldv, inv + r, bf16,
+                      static_cast<char*>(out) + r * ldo * (bf16 ? 2 : 4), ldo);
   for (; r < R; ++r)
     pv_block<NV, 1>(s + static_cast<int64_t>(r) * Lp, Lp, L, v, ldv, inv + r, bf16,
                     static_cast<char*>(out) + r * ldo * (bf16 ? 2 : 4), ldo);
@@ -160,9 +170,13 @@ static bool attn_rows_avx512(int R, const float* qb, int D, const float* kt, int
     case 1: qk_block<1>(qb, D, kt, Lp, s); break;
     case 2: qk_block<2>(qb, D, kt, Lp, s); break;
     case 3: qk_block<3>(qb, D, kt, Lp, s); break;
-    default: qk_block<4>(qb, D, kt, Lp, s); break;
+    case 4: qk_block<4>(qb, D, kt, Lp, s); break;
+    case 5: qk_block<5>(qb, D, kt, Lp, s); break;
+    case 6: qk_block<6>(qb, D, kt, Lp, s); break;
+    case 7: qk_block<7>(qb, D, kt, Lp, s); break;
+    default: qk_block<8>(qb, D, kt, Lp, s); break;
   }
-  float inv[4];
+  float inv[8];
   for (int r = 0; r < R; ++r) inv[r] = softmax_row(s + static_cast<int64_t>(r) * Lp, L);
   switch (D / 16) {
     case 1: pv_rows<1>(R, s, Lp, L, v, ldv, inv, bf16, out, ldo); break;

@@ -185,12 +185,14 @@ static void embeddings(int64_t t0, int64_t t1, int64_t e, const int64_t* ids, co
 
 // ---------------------------------------------------------------------------------------------------------
 // Attention. Per task: K of the (sequence, head) is transposed once into kt (D x Lp, Lp = len rounded up to 16,
-// zero-padded) so that a score row is a sum of D axpys over contiguous keys; V is used in place (fp32) or
-// converted once to fp32 (bf16). Queries go in blocks of up to 4 rows (pre-scaled), scores in fp32, softmax in
-// fp32 over exactly `len` keys, output normalised by 1/sum at the end. Tokens of other sequences are never read.
+// zero-padded) so that a score row is a sum of D axpys over contiguous keys, and V is copied once into a compact
+// fp32 (len x D) block (a V row sits 3 * hidden elements from the next one in qkv: the copy keeps the PV loop in
+// L1/L2 instead of striding across megabytes). Queries go in blocks of up to 8 rows (pre-scaled): each kt and V
+// load then feeds 8 rows' FMAs, so the loops are FMA-bound rather than load-bound. Scores in fp32, softmax in fp32
+// over exactly `len` keys, output normalised by 1/sum at the end. Tokens of other sequences are never read.
 // ---------------------------------------------------------------------------------------------------------
 
-static constexpr int kQRows = 4;
+static constexpr int kQRows = 8;
 
 static void attn_rows_generic(int R, const float* qb, int D, const float* kt, int Lp, int L, const float* v,
                               int64_t ldv, float* s, float* ob, bool bf16, void* out, int64_t ldo) {
@@ -226,7 +228,7 @@ static void attention(const AttnTask* tasks, int64_t n, const void* qkv, int64_t
   const int lp_max = (max_len + 15) / 16 * 16;
   const int64_t hidden = static_cast<int64_t>(num_heads) * D;
   float* kt = alloc_floats(static_cast<int64_t>(D) * lp_max);
-  float* vb = bf16 ? alloc_floats(static_cast<int64_t>(max_len) * D) : nullptr;
+  float* vb = alloc_floats(static_cast<int64_t>(max_len) * D);
   float* qb = alloc_floats(static_cast<int64_t>(kQRows) * D);
   float* s = alloc_floats(static_cast<int64_t>(kQRows) * lp_max);
   float* ob = alloc_floats(D);
@@ -252,13 +254,15 @@ static void attention(const AttnTask* tasks, int64_t n, const void* qkv, int64_t
         } else {
           const float* kr = static_cast<const float*>(qkv) + row + kcol;
           for (int d = 0; d < D; ++d) kt[static_cast<int64_t>(d) * Lp + j] = kr[d];
+          const float* vr = static_cast<const float*>(qkv) + row + vcol;
+          for (int d = 0; d < D; ++d) vb[static_cast<int64_t>(j) * D + d] = vr[d];
         }
       }
       for (int d = 0; d < D; ++d)
         for (int j = L; j < Lp; ++j) kt[static_cast<int64_t>(d) * Lp + j] = 0.f;
     }
-    const float* v = bf16 ? vb : static_cast<const float*>(qkv) + task.start * ld + vcol;
-    const int64_t ldv = bf16 ? D : ld;
+    const float* v = vb;
+    const int64_t ldv = D;
     for (int q = task.q0; q < task.q1; q += kQRows) {
       const int R = task.q1 - q < kQRows ? task.q1 - q : kQRows;
       for (int r = 0; r < R; ++r) {
