@@ -206,8 +206,9 @@ def write_markdown(path: str, r: dict) -> None:
     for row in r["rows"]:
         cos = f"{row['min_cosine_vs_st']:.9f}" if "min_cosine_vs_st" in row else "-"
         diff = f"{row['max_abs_diff_vs_st']:.2e}" if "max_abs_diff_vs_st" in row else "-"
+        rounds = ", ".join(f"{t:.1f}" for t in row["seconds_all"])
         lines.append(
-            f"| {row['system']} | {row['seconds']:.2f} | {row['sentences_per_s']:.0f} | "
+            f"| {row['system']} | {row['seconds_median']:.2f} | {rounds} | {row['sentences_per_s']:.0f} | "
             f"{row['tokens_per_s']:.0f} | {row['speedup']:.2f}x | {cos} | {diff} |"
         )
     lines.append("")
