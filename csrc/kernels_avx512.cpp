@@ -57,6 +57,8 @@ static inline __m256i cvt_ps_bf16(__m512 v) {
 // and each pair of kt loads feeds 2R FMAs.
 template <int R>
 static inline void qk_block(const float* qb, int D, const float* kt, int Lp, float* s) {
+  const float* q[R];  // row pointers: the inner loop then needs no 32-bit index arithmetic per broadcast
+  for (int r = 0; r < R; ++r) q[r] = qb + static_cast<int64_t>(r) * D;
   int j = 0;
   for (; j + 32 <= Lp; j += 32) {
     __m512 a0[R], a1[R];
@@ -66,7 +68,7 @@ static inline void qk_block(const float* qb, int D, const float* kt, int Lp, flo
       const __m512 k0 = _mm512_loadu_ps(kr);
       const __m512 k1 = _mm512_loadu_ps(kr + 16);
       for (int r = 0; r < R; ++r) {
-        const __m512 qv = _mm512_set1_ps(qb[r * D + d]);
+        const __m512 qv = _mm512_set1_ps(q[r][d]);
         a0[r] = _mm512_fmadd_ps(qv, k0, a0[r]);
         a1[r] = _mm512_fmadd_ps(qv, k1, a1[r]);
       }
@@ -81,7 +83,7 @@ static inline void qk_block(const float* qb, int D, const float* kt, int Lp, flo
     for (int r = 0; r < R; ++r) a0[r] = _mm512_setzero_ps();
     for (int d = 0; d < D; ++d) {
       const __m512 k0 = _mm512_loadu_ps(kt + static_cast<int64_t>(d) * Lp + j);
-      for (int r = 0; r < R; ++r) a0[r] = _mm512_fmadd_ps(_mm512_set1_ps(qb[r * D + d]), k0, a0[r]);
+      for (int r = 0; r < R; ++r) a0[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r][d]), k0, a0[r]);
     }
     for (int r = 0; r < R; ++r) _mm512_storeu_ps(s + static_cast<int64_t>(r) * Lp + j, a0[r]);
   }

@@ -286,18 +286,30 @@ static void attention(const AttnTask* tasks, int64_t n, const void* qkv, int64_t
       cur_start = task.start;
       cur_head = task.head;
       cur_len = L;
+      // K transposed in slabs of 16 features: while j runs over the sequence, a slab writes 16 kt rows whose
+      // current cache lines stay in L1 (writing all D rows per key touched D lines 4 * Lp bytes apart each time).
+      for (int d0 = 0; d0 < D; d0 += 16) {
+        const int d1 = d0 + 16 < D ? d0 + 16 : D;
+        for (int j = 0; j < L; ++j) {
+          const int64_t row = (task.start + j) * ld + kcol;
+          if (bf16) {
+            const uint16_t* kr = static_cast<const uint16_t*>(qkv) + row;
+            for (int d = d0; d < d1; ++d) kt[static_cast<int64_t>(d) * Lp + j] = bf16_to_f32(kr[d]);
+          } else {
+            const float* kr = static_cast<const float*>(qkv) + row;
+            for (int d = d0; d < d1; ++d) kt[static_cast<int64_t>(d) * Lp + j] = kr[d];
+          }
+        }
+      }
       for (int j = 0; j < L; ++j) {
-        const int64_t row = (task.start + j) * ld;
+        const int64_t row = (task.start + j) * ld + vcol;
+        float* vj = vb + static_cast<int64_t>(j) * D;
         if (bf16) {
-          const uint16_t* kr = static_cast<const uint16_t*>(qkv) + row + kcol;
-          for (int d = 0; d < D; ++d) kt[static_cast<int64_t>(d) * Lp + j] = bf16_to_f32(kr[d]);
-          const uint16_t* vr = static_cast<const uint16_t*>(qkv) + row + vcol;
-          for (int d = 0; d < D; ++d) vb[static_cast<int64_t>(j) * D + d] = bf16_to_f32(vr[d]);
+          const uint16_t* vr = static_cast<const uint16_t*>(qkv) + row;
+          for (int d = 0; d < D; ++d) vj[d] = bf16_to_f32(vr[d]);
         } else {
-          const float* kr = static_cast<const float*>(qkv) + row + kcol;
-          for (int d = 0; d < D; ++d) kt[static_cast<int64_t>(d) * Lp + j] = kr[d];
-          const float* vr = static_cast<const float*>(qkv) + row + vcol;
-          for (int d = 0; d < D; ++d) vb[static_cast<int64_t>(j) * D + d] = vr[d];
+          const float* vr = static_cast<const float*>(qkv) + row;
+          for (int d = 0; d < D; ++d) vj[d] = vr[d];
         }
       }
       for (int d = 0; d < D; ++d)
