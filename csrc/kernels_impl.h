@@ -126,8 +126,11 @@ static void add_layernorm(int64_t r0, int64_t r1, int64_t n, const void* x, int6
 // built in the exponent bits. x is clamped to [-87, 88] (2^n stays a normal float; exp(88) is still finite).
 static inline float exp_f32(float x) {
   x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float shifter = 12582912.0f;  // 1.5 * 2^23: (t + shifter) - shifter rounds t to an integer
-  const float n = (x * 1.44269504088896341f + shifter) - shifter;
+  // 1.5 * 2^23: t = y + shifter rounds y to an integer k held in t's low mantissa bits (so 2^k is built from t's
+  // bits below, with no float -> int conversion, which would be undefined for NaN); n = t - shifter = k as a float.
+  const float shifter = 12582912.0f;
+  const float t = x * 1.44269504088896341f + shifter;
+  const float n = t - shifter;
   float r = x - n * 0.693145751953125f;  // ln2 split hi/lo for an exact n * ln2
   r = r - n * 1.428606765330187045e-06f;
   float p = 1.0f / 5040.0f;
@@ -138,7 +141,9 @@ static inline float exp_f32(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  uint32_t tb;
+  __builtin_memcpy(&tb, &t, 4);
+  const uint32_t bits = (tb - 0x4B400000u + 127u) << 23;  // 0x4B400000: the bits of the shifter; k + 127 >= 1
   float scale;
   __builtin_memcpy(&scale, &bits, 4);
   return p * scale;
