@@ -175,7 +175,7 @@ static inline float activate(float v, int act) {
       return 0.5f * v * (1.0f + tanh_f32(inner));
     }
     case kActRelu:
-      return v > 0.f ? v : 0.f;
+      return v < 0.f ? 0.f : v;
     case kActSilu:
       return v / (1.0f + exp_f32(-v));
     case kActTanh:
@@ -196,7 +196,7 @@ static void bias_activation(int64_t r0, int64_t r1, int64_t n, const void* x, in
     switch (act) {
       case kActNone: break;
       case kActRelu:
-        for (int64_t i = 0; i < n; ++i) buf[i] = buf[i] > 0.f ? buf[i] : 0.f;
+        for (int64_t i = 0; i < n; ++i) buf[i] = buf[i] < 0.f ? 0.f : buf[i];  // NaN stays NaN, as in torch.relu
         break;
       case kActGelu:
         for (int64_t i = 0; i < n; ++i) buf[i] = activate(buf[i], kActGelu);

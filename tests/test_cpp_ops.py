@@ -149,6 +149,21 @@ def test_bias_activation(isa, dtype, act, with_bias):
     assert_close(f"bias_activation[{act}]", out, ref, plain, dtype)
 
 
+@pytest.mark.parametrize("act", reference.ACTIVATIONS)
+def test_bias_activation_extreme_values(isa, act):
+    """The polynomial exp/erf/tanh saturate like libm: NaN stays NaN, large finite inputs give finite outputs
+    equal to the reference (no overflow to inf or NaN from the range reduction)."""
+    x = torch.tensor([[float("nan"), -1e30, -200.0, -88.5, -87.0, -20.0, -1e-6, 0.0, 1e-6, 20.0, 88.5, 200.0, 1e30]])
+    out = _cpp.bias_activation(x, None, act)
+    ref = reference.bias_activation(x.double(), None, act)
+    assert torch.isnan(out[0, 0]), f"{act}(nan) = {out[0, 0].item()}"
+    finite = out[0, 1:].double()
+    print(f"{act}: {finite.tolist()}")
+    assert torch.isfinite(finite).all(), f"{act}: non-finite output {finite.tolist()}"
+    err = (finite - ref[0, 1:]).abs() / ref[0, 1:].abs().clamp_min(1.0)
+    assert err.max().item() <= 1e-6, f"{act}: relative error {err.max().item():.3g}"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Linear layers
 # ---------------------------------------------------------------------------------------------------------
