@@ -175,7 +175,7 @@ static inline float activate(float v, int act) {
       return 0.5f * v * (1.0f + tanh_f32(inner));
     }
     case kActRelu:
-      return v < 0.f ? 0.f : v;
+      return v < 0.f ? 0.f : v;  // NaN stays NaN, as in torch.relu
     case kActSilu:
       return v / (1.0f + exp_f32(-v));
     case kActTanh:
@@ -185,6 +185,13 @@ static inline float activate(float v, int act) {
   }
 }
 
+// In place over one row. The activation is a template constant, so activate()'s switch folds away and the loop
+// vectorizes (one loop per activation, not a switch per element).
+template <int A>
+static inline void activate_row(float* buf, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) buf[i] = activate(buf[i], A);
+}
+
 static void bias_activation(int64_t r0, int64_t r1, int64_t n, const void* x, int64_t sx, const float* bias,
                             int act, void* out, int64_t so, bool bf16) {
   float* buf = alloc_floats(n);
@@ -192,24 +199,13 @@ static void bias_activation(int64_t r0, int64_t r1, int64_t n, const void* x, in
     load_row(elem(x, r * sx, bf16), n, bf16, buf);
     if (bias != nullptr)
       for (int64_t i = 0; i < n; ++i) buf[i] += bias[i];
-    // One loop per activation (the switch hoisted out) so that relu and the identity vectorize.
     switch (act) {
       case kActNone: break;
-      case kActRelu:
-        for (int64_t i = 0; i < n; ++i) buf[i] = buf[i] < 0.f ? 0.f : buf[i];  // NaN stays NaN, as in torch.relu
-        break;
-      case kActGelu:
-        for (int64_t i = 0; i < n; ++i) buf[i] = activate(buf[i], kActGelu);
-        break;
-      case kActGeluTanh:
-        for (int64_t i = 0; i < n; ++i) buf[i] = activate(buf[i], kActGeluTanh);
-        break;
-      case kActSilu:
-        for (int64_t i = 0; i < n; ++i) buf[i] = activate(buf[i], kActSilu);
-        break;
-      default:
-        for (int64_t i = 0; i < n; ++i) buf[i] = activate(buf[i], kActTanh);
-        break;
+      case kActGelu: activate_row<kActGelu>(buf, n); break;
+      case kActGeluTanh: activate_row<kActGeluTanh>(buf, n); break;
+      case kActRelu: activate_row<kActRelu>(buf, n); break;
+      case kActSilu: activate_row<kActSilu>(buf, n); break;
+      default: activate_row<kActTanh>(buf, n); break;
     }
     store_row(buf, n, bf16, elem(out, r * so, bf16));
   }
