@@ -118,8 +118,8 @@ def native_bf16() -> bool:
     """Whether this CPU has bfloat16 matrix instructions (AVX512-BF16 or AMX).
 
     Without them oneDNN emulates bfloat16 GEMMs with float32 arithmetic plus conversions, which is slower than
-    plain float32 (measured on a 2-core AVX-512 Xeon without AVX512-BF16: GEMMs about 5x slower, MiniLM-L6
-    (8,128) 489 ms against 181 ms in float32).
+    plain float32 (on a 2-core AVX-512 Xeon without AVX512-BF16, benchmarks/results/cpu-kernels.md and
+    cpu-bf16.md: GEMMs 3.5-4x slower, MiniLM-L6 (8,128) 453 ms against 122 ms in float32).
     """
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         fn = getattr(torch.cpu, probe, None)
