@@ -164,6 +164,76 @@ static inline void pv_rows(int R, const float* s, int Lp, int L, const float* v,
                     static_cast<char*>(out) + r * ldo * (bf16 ? 2 : 4), ldo);
 }
 
+// In place: r[c][i] <- r[i][c] for a 16 x 16 block (64 shuffles: unpack ps, unpack pd, two 128-bit lane shuffles).
+static inline void transpose16x16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane L: rows 2i, 2i+1 interleaved at columns 4L, 4L+1 / 4L+2, 4L+3
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  __m512 u[4][4];  // u[g][k], lane L: rows 4g..4g+3 at column 4L + k
+  for (int g = 0; g < 4; ++g) {
+    const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * g + 1]), d = _mm512_castps_pd(t[4 * g + 3]);
+    u[g][0] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    u[g][1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    u[g][2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    u[g][3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  for (int k = 0; k < 4; ++k) {  // column 4L + k gathers lane L of u[0..3][k]
+    const __m512 lo01 = _mm512_shuffle_f32x4(u[0][k], u[1][k], 0x44), hi01 = _mm512_shuffle_f32x4(u[0][k], u[1][k], 0xEE);
+    const __m512 lo23 = _mm512_shuffle_f32x4(u[2][k], u[3][k], 0x44), hi23 = _mm512_shuffle_f32x4(u[2][k], u[3][k], 0xEE);
+    r[k] = _mm512_shuffle_f32x4(lo01, lo23, 0x88);
+    r[4 + k] = _mm512_shuffle_f32x4(lo01, lo23, 0xDD);
+    r[8 + k] = _mm512_shuffle_f32x4(hi01, hi23, 0x88);
+    r[12 + k] = _mm512_shuffle_f32x4(hi01, hi23, 0xDD);
+  }
+}
+
+// 16 elements (fp32 or bf16 storage) at p as fp32.
+static inline __m512 load16(const void* p, bool bf16) {
+  if (bf16) {
+    const __m256i h = _mm256_loadu_si256(static_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  return _mm512_loadu_ps(static_cast<const float*>(p));
+}
+
+// Stages one (sequence, head) for head_dim D = 16 * n: kt = K^T (D x Lp, columns L..Lp zero) by 16 x 16 register
+// transposes, vb = V (L x D) as compact fp32. Rows are `ld` elements apart in qkv; K starts at column kcol, V at
+// vcol. Returns false (caller stages with the generic loops) for other head_dims.
+static bool stage_kv_avx512(const void* qkv, int64_t ld, int64_t start, int L, int Lp, int64_t kcol, int64_t vcol,
+                            int D, bool bf16, float* kt, float* vb) {
+  if (D % 16 != 0 || D == 0) return false;
+  const int64_t es = bf16 ? 2 : 4;
+  const char* base = static_cast<const char*>(qkv);
+  for (int j0 = 0; j0 < Lp; j0 += 16) {
+    const int nj = L - j0 < 16 ? L - j0 : 16;  // real keys in this block; the rest are the zero padding
+    for (int d0 = 0; d0 < D; d0 += 16) {
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = i < nj ? load16(base + ((start + j0 + i) * ld + kcol + d0) * es, bf16) : _mm512_setzero_ps();
+      transpose16x16(r);
+      for (int c = 0; c < 16; ++c) _mm512_storeu_ps(kt + static_cast<int64_t>(d0 + c) * Lp + j0, r[c]);
+    }
+  }
+  for (int j = 0; j < L; ++j) {
+    const char* src = base + ((start + j) * ld + vcol) * es;
+    float* dst = vb + static_cast<int64_t>(j) * D;
+    for (int d = 0; d < D; d += 16) _mm512_storeu_ps(dst + d, load16(src + d * es, bf16));
+  }
+  return true;
+}
+
+// dst[0, D) = scale * q (fp32), D = 16 * n; false for other head_dims.
+static inline bool load_q_avx512(const void* src, int D, float scale, bool bf16, float* dst) {
+  if (D % 16 != 0) return false;
+  const __m512 sc = _mm512_set1_ps(scale);
+  const char* p = static_cast<const char*>(src);
+  for (int d = 0; d < D; d += 16) _mm512_storeu_ps(dst + d, _mm512_mul_ps(load16(p + d * (bf16 ? 2 : 4), bf16), sc));
+  return true;
+}
+
 // The AVX-512 path for head_dim in {16, 32, ..., 128}; returns false (caller runs the generic code) otherwise.
 static bool attn_rows_avx512(int R, const float* qb, int D, const float* kt, int Lp, int L, const float* v,
                              int64_t ldv, float* s, bool bf16, void* out, int64_t ldo) {

@@ -266,6 +266,79 @@ static void attn_rows_generic(int R, const float* qb, int D, const float* kt, in
   }
 }
 
+// Generic staging of one (sequence, head): kt = K^T (D x Lp, columns L..Lp zero), vb = V (L x D) in fp32.
+static void stage_kv_generic(const void* qkv, int64_t ld, int64_t start, int L, int Lp, int64_t kcol, int64_t vcol,
+                             int D, bool bf16, float* kt, float* vb) {
+  // K transposed in slabs of 16 features: while j runs over the sequence, a slab writes 16 kt rows whose
+  // current cache lines stay in L1 (writing all D rows per key touched D lines 4 * Lp bytes apart each time).
+  for (int d0 = 0; d0 < D; d0 += 16) {
+    const int d1 = d0 + 16 < D ? d0 + 16 : D;
+    for (int j = 0; j < L; ++j) {
+      const int64_t row = (start + j) * ld + kcol;
+      if (bf16) {
+        const uint16_t* kr = static_cast<const uint16_t*>(qkv) + row;
+        for (int d = d0; d < d1; ++d) kt[static_cast<int64_t>(d) * Lp + j] = bf16_to_f32(kr[d]);
+      } else {
+        const float* kr = static_cast<const float*>(qkv) + row;
+        for (int d = d0; d < d1; ++d) kt[static_cast<int64_t>(d) * Lp + j] = kr[d];
+      }
+    }
+  }
+  for (int j = 0; j < L; ++j) {
+    const int64_t row = (start + j) * ld + vcol;
+    float* vj = vb + static_cast<int64_t>(j) * D;
+    if (bf16) {
+      const uint16_t* vr = static_cast<const uint16_t*>(qkv) + row;
+      for (int d = 0; d < D; ++d) vj[d] = bf16_to_f32(vr[d]);
+    } else {
+      const float* vr = static_cast<const float*>(qkv) + row;
+      for (int d = 0; d < D; ++d) vj[d] = vr[d];
+    }
+  }
+  for (int d = 0; d < D; ++d)
+    for (int j = L; j < Lp; ++j) kt[static_cast<int64_t>(d) * Lp + j] = 0.f;
+}
+
+// Software prefetch of the rows the next task will read, spread over the current task's query blocks. Consecutive
+// heads of a sequence read neighbouring D-wide slices of the same qkv rows, 3 * hidden elements apart: a stride no
+// hardware prefetcher follows, so without this every row is an L3 (or DRAM) round trip on the critical path, which
+// dominated short sequences. Issued in slices rather than in one burst: a burst of a long sequence's K and V rows
+// fills the line-fill buffers and stalls the computation it is meant to overlap.
+struct Prefetcher {
+  const char* base;
+  int64_t ld, hidden, es, bytes;
+  int64_t start = 0, col = 0;  // next task's first token and Q column
+  int q = 0, q_end = 0;        // its query rows still to fetch
+  int kv = 0, kv_end = 0;      // its key/value rows still to fetch (none when it reuses the current K/V)
+
+  void reset(const AttnTask& next, bool new_kv, int64_t head_dim) {
+    start = next.start;
+    col = static_cast<int64_t>(next.head) * head_dim;
+    q = next.q0;
+    q_end = next.q1;
+    kv = 0;
+    kv_end = new_kv ? next.len : 0;
+  }
+  // Fetches `rows` more rows (query rows first, then key/value rows) into L2.
+  __attribute__((always_inline)) inline void step(int rows) {
+    for (; rows > 0 && q < q_end; --rows, ++q) {
+      const char* r = base + ((start + q) * ld + col) * es;
+      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(r + b, 0, 2);
+    }
+    for (; rows > 0 && kv < kv_end; --rows, ++kv) {
+      const char* k = base + ((start + kv) * ld + hidden + col) * es;
+      const char* v = k + hidden * es;
+      for (int64_t b = 0; b < bytes; b += 64) {
+        __builtin_prefetch(k + b, 0, 2);
+        __builtin_prefetch(v + b, 0, 2);
+      }
+    }
+  }
+  int remaining() const { return (q_end - q) + (kv_end - kv); }
+};
+// (always_inline: GCC's IPA pass treats an out-of-line function holding only prefetches as pure and deletes the
+// calls.)
+
 static void attention(const AttnTask* tasks, int64_t n, const void* qkv, int64_t ld, int num_heads, int D,
                       float scale, void* out, int64_t ldo, int max_len, bool bf16) {
   const int lp_max = (max_len + 15) / 16 * 16;
@@ -277,6 +350,7 @@ static void attention(const AttnTask* tasks, int64_t n, const void* qkv, int64_t
   float* ob = alloc_floats(D);
   int64_t cur_start = -1;
   int cur_head = -1, cur_len = -1;
+  Prefetcher pf{static_cast<const char*>(qkv), ld, hidden, bf16 ? 2 : 4, static_cast<int64_t>(D) * (bf16 ? 2 : 4)};
   for (int64_t t = 0; t < n; ++t) {
     const AttnTask& task = tasks[t];
     const int L = task.len;
@@ -287,43 +361,29 @@ static void attention(const AttnTask* tasks, int64_t n, const void* qkv, int64_t
       cur_start = task.start;
       cur_head = task.head;
       cur_len = L;
-      // K transposed in slabs of 16 features: while j runs over the sequence, a slab writes 16 kt rows whose
-      // current cache lines stay in L1 (writing all D rows per key touched D lines 4 * Lp bytes apart each time).
-      for (int d0 = 0; d0 < D; d0 += 16) {
-        const int d1 = d0 + 16 < D ? d0 + 16 : D;
-        for (int j = 0; j < L; ++j) {
-          const int64_t row = (task.start + j) * ld + kcol;
-          if (bf16) {
-            const uint16_t* kr = static_cast<const uint16_t*>(qkv) + row;
-            for (int d = d0; d < d1; ++d) kt[static_cast<int64_t>(d) * Lp + j] = bf16_to_f32(kr[d]);
-          } else {
-            const float* kr = static_cast<const float*>(qkv) + row;
-            for (int d = d0; d < d1; ++d) kt[static_cast<int64_t>(d) * Lp + j] = kr[d];
-          }
-        }
-      }
-      for (int j = 0; j < L; ++j) {
-        const int64_t row = (task.start + j) * ld + vcol;
-        float* vj = vb + static_cast<int64_t>(j) * D;
-        if (bf16) {
-          const uint16_t* vr = static_cast<const uint16_t*>(qkv) + row;
-          for (int d = 0; d < D; ++d) vj[d] = bf16_to_f32(vr[d]);
-        } else {
-          const float* vr = static_cast<const float*>(qkv) + row;
-          for (int d = 0; d < D; ++d) vj[d] = vr[d];
-        }
-      }
-      for (int d = 0; d < D; ++d)
-        for (int j = L; j < Lp; ++j) kt[static_cast<int64_t>(d) * Lp + j] = 0.f;
+#ifdef FASTBERT_AVX512
+      if (!stage_kv_avx512(qkv, ld, task.start, L, Lp, kcol, vcol, D, bf16, kt, vb))
+#endif
+        stage_kv_generic(qkv, ld, task.start, L, Lp, kcol, vcol, D, bf16, kt, vb);
+    }
+    if (t + 1 < n) {
+      const AttnTask& next = tasks[t + 1];
+      pf.reset(next, next.start != task.start || next.head != task.head, D);
     }
     const float* v = vb;
     const int64_t ldv = D;
     for (int q = task.q0; q < task.q1; q += kQRows) {
       const int R = task.q1 - q < kQRows ? task.q1 - q : kQRows;
+      const int blocks_left = (task.q1 - q + kQRows - 1) / kQRows;
+      pf.step((pf.remaining() + blocks_left - 1) / blocks_left);
       for (int r = 0; r < R; ++r) {
         const int64_t row = (task.start + q + r) * ld + static_cast<int64_t>(task.head) * D;
-        load_row(elem(qkv, row, bf16), D, bf16, qb + r * D);
-        for (int d = 0; d < D; ++d) qb[r * D + d] *= scale;
+#ifdef FASTBERT_AVX512
+        if (load_q_avx512(elem(qkv, row, bf16), D, scale, bf16, qb + r * D)) continue;
+#endif
+        float* qr = qb + r * D;
+        load_row(elem(qkv, row, bf16), D, bf16, qr);
+        for (int d = 0; d < D; ++d) qr[d] *= scale;
       }
       void* orow = elem(out, (task.start + q) * ldo + static_cast<int64_t>(task.head) * D, bf16);
 #ifdef FASTBERT_AVX512
