@@ -271,6 +271,24 @@ def test_minilm_equals_sentence_transformers(st_minilm, backend, caplog):
     assert len(truncation) == 1  # said once, not once per call
 
 
+@pytest.mark.parametrize("backend", [b for b in fastbert.available_backends("cpu") if b != "triton"])
+def test_minilm_bf16_embeddings_close_to_fp32(st_minilm, backend):
+    """dtype=bfloat16 on the real checkpoint, judged by STYLE.md's model rule: the error of fastbert's bf16 vectors
+    to sentence-transformers fp32 must be under 3x that of sentence-transformers itself run in bf16."""
+    ref = st_minilm.encode(TEXTS, convert_to_numpy=True)
+    st_bf16 = st.SentenceTransformer(MINILM, device="cpu", model_kwargs={"dtype": torch.bfloat16})
+    assert next(st_bf16.parameters()).dtype == torch.bfloat16
+    theirs = st_bf16.encode(TEXTS, convert_to_tensor=True).float().numpy()
+    encoder = SentenceEncoder.from_pretrained(MINILM, dtype=torch.bfloat16, backend=backend)
+    assert encoder.model.dtype == torch.bfloat16
+    ours = encoder.encode(TEXTS)
+    assert ours.dtype == np.float32
+    their_cos, their_diff = report("sentence-transformers bf16", theirs, ref)
+    our_cos, our_diff = report(f"fastbert bf16 [{backend}]", ours, ref)
+    assert 1.0 - our_cos < 3 * (1.0 - their_cos)
+    assert our_diff < 3 * their_diff
+
+
 def test_encode_output_forms_and_edge_cases():
     encoder = SentenceEncoder.from_pretrained(MINILM)
     many = encoder.encode(TEXTS[:5], convert_to_numpy=True)

@@ -1,0 +1,212 @@
+"""Where fastbert's CPU time goes: a per-op profile of the cpp backend, and the fraction of the GEMM ceiling reached.
+
+For each model and size: the whole forward (padded ids + mask in, padded last hidden state out, as in
+``fastbert bench``) is timed without the profiler, then run again under ``torch.profiler`` and its self CPU time
+split into GEMMs (oneDNN ``_linear_pointwise``, which includes the fused bias / activation post-ops), the residual +
+LayerNorm that follows two of the four GEMMs of a layer, attention, embeddings + LayerNorm, other fastbert ops, aten
+glue (unpadding, re-padding, position ids) and what is left of the wall time: Python and dispatch.
+
+The GEMM ceiling is measured beside every cell (the shared host's speed drifts): fastbert's own linear (oneDNN on a
+prepacked weight) at 1024 tokens on the model's feed-forward shape, weights hot in cache. The report gives the GFLOP/s the model's GEMMs and its
+attention reach inside the forward, and the whole forward's useful FLOPs (``fastbert.bench.encoder_flops`` plus the
+pooler) per second as a fraction of that ceiling.
+
+    python benchmarks/cpu_profile.py            # writes benchmarks/results/cpu-profile.{json,md}
+    python benchmarks/cpu_profile.py --models minilm-l6 --sizes 8x128 --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+
+from fastbert import bench
+
+CATEGORIES = [
+    ("gemm", "GEMMs (oneDNN, fused bias/activation)"),
+    ("residual_ln", "residual + LayerNorm after a GEMM"),
+    ("attention", "attention"),
+    ("embeddings", "embeddings + LayerNorm"),
+    ("other_fastbert", "other fastbert ops"),
+    ("aten", "aten glue (unpad, re-pad, positions)"),
+    ("python", "Python + dispatch (rest of the wall time)"),
+]
+
+
+def category(op: str) -> str:
+    if op in ("mkldnn::_linear_pointwise", "aten::linear", "aten::addmm", "aten::mm"):
+        return "gemm"
+    if op == "fastbert::linear_residual_layernorm":
+        return "residual_ln"
+    if op == "fastbert::attention":
+        return "attention"
+    if op == "fastbert::embeddings":
+        return "embeddings"
+    if op.startswith("fastbert::"):
+        return "other_fastbert"
+    return "aten"
+
+
+def wall_per_call(fn: Callable[[], object], min_seconds: float) -> tuple[float, int]:
+    """Median seconds per call over batches of calls, and the batch size used."""
+    start = time.perf_counter()
+    fn()
+    one = max(time.perf_counter() - start, 1e-6)
+    inner = max(1, int(0.2 / one))
+    samples = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < min_seconds or len(samples) < 3:
+        t = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        samples.append((time.perf_counter() - t) / inner)
+    return statistics.median(samples), inner
+
+
+def gemm_ceiling(hidden: int, intermediate: int, seconds: float) -> float:
+    """GFLOP/s of fastbert's cpp linear at (1024 x hidden) @ (hidden x intermediate), weights hot."""
+    from fastbert import _cpp
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, hidden, generator=gen)
+    w = torch.randn(intermediate, hidden, generator=gen)
+    b = torch.randn(intermediate, generator=gen)
+    packed = _cpp.prepack_linear(w)
+    with torch.inference_mode():
+        t, _ = wall_per_call(lambda: _cpp.linear(x, w, b, None, packed), seconds)
+    return 2 * 1024 * hidden * intermediate / t / 1e9
+
+
+def profile_cell(system: bench.FastbertSystem, model: bench.BenchModel, size: bench.Size, seconds: float) -> dict:
+    ids, mask, lengths = size.make_inputs(model)
+    run = lambda: system.run(ids, mask)  # noqa: E731
+    for _ in range(2):
+        run()
+    wall, inner = wall_per_call(run, seconds)
+    calls = max(3, inner)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(calls):
+            run()
+        profiled_wall = (time.perf_counter() - start) / calls
+    ms = {key: 0.0 for key, _ in CATEGORIES}
+    for evt in prof.key_averages():
+        ms[category(evt.key)] += evt.self_cpu_time_total / 1e3 / calls
+    # The profiler's own cost lands between ops, so the rest is taken from the unprofiled wall time.
+    ms["python"] = max(0.0, wall * 1e3 - sum(ms.values()))
+    total = sum(ms.values())
+    gemm_flops = 2 * model.layers * sum(lengths) * (4 * model.hidden**2 + 2 * model.hidden * model.intermediate)
+    gemm_flops += 2 * len(lengths) * model.hidden**2  # pooler
+    attn_flops = 4 * model.layers * model.hidden * sum(s * s for s in lengths)
+    return {
+        "model": model.label,
+        "size": size.label,
+        "tokens": sum(lengths),
+        "wall_ms": wall * 1e3,
+        "profiled_wall_ms": profiled_wall * 1e3,
+        "ms": ms,
+        "share": {k: v / total for k, v in ms.items()},
+        "gemm_gflops": gemm_flops / (ms["gemm"] / 1e3) / 1e9 if ms["gemm"] > 0 else None,
+        "attention_gflops": attn_flops / (ms["attention"] / 1e3) / 1e9 if ms["attention"] > 0 else None,
+        "model_gflops": (gemm_flops + attn_flops) / wall / 1e9,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="minilm-l6,bert-base")
+    ap.add_argument("--sizes", default="1x32,1x128,8x128,32x128,8x512,32x8-128")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seconds", type=float, default=2.0, help="minimum timed seconds per cell (unprofiled)")
+    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu-profile"))
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    sizes = [bench.parse_size(s) for s in args.sizes.split(",") if s]
+    cells, ceilings = [], {}
+    with tempfile.TemporaryDirectory() as workdir:
+        for name in [m for m in args.models.split(",") if m]:
+            model = bench.load_bench_model(name, workdir)
+            system = bench.FastbertSystem("cpp")
+            system.prepare(model, torch.float32, torch.device("cpu"), args.threads, workdir)
+            for size in sizes:
+                # The host is shared and its speed drifts: the ceiling is re-measured beside every cell.
+                ceiling = gemm_ceiling(model.hidden, model.intermediate, args.seconds / 2)
+                cell = profile_cell(system, model, size, args.seconds)
+                cell["ceiling_gflops"] = ceiling
+                ceilings.setdefault(model.label, []).append(ceiling)
+                cells.append(cell)
+                print(
+                    f"  {model.label} {size.label}: {cell['wall_ms']:.1f} ms, GEMM {cell['share']['gemm']:.0%} at "
+                    f"{cell['gemm_gflops']:.0f} GFLOP/s, attention {cell['share']['attention']:.0%}, "
+                    f"model {cell['model_gflops']:.0f} GFLOP/s = {cell['model_gflops'] / ceiling:.0%} of the "
+                    f"ceiling ({ceiling:.0f})",
+                    flush=True,
+                )
+            system.release()
+    env = bench.environment(torch.device("cpu"), args.threads)
+    result = {
+        "command": "python benchmarks/cpu_profile.py " + " ".join(sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "environment": env,
+        "ceilings_gflops": ceilings,
+        "cells": cells,
+    }
+    if not args.no_write:
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out + ".json", "w") as fh:
+            json.dump(result, fh, indent=2)
+        write_markdown(args.out + ".md", result)
+        print(f"wrote {args.out}.json and {args.out}.md")
+    return 0
+
+
+def write_markdown(path: str, r: dict) -> None:
+    env = r["environment"]
+    head = ["model", "size", "ms", *[label for _, label in CATEGORIES], "GEMM GFLOP/s", "attention GFLOP/s"]
+    lines = [
+        "# Where fastbert's CPU time goes (cpp backend, fp32)",
+        "",
+        f"`{r['command'].strip()}`, {r['date']}, commit {env['git_sha']}"
+        + (" (uncommitted changes)" if env["git_dirty"] else "")
+        + f". {env['device_name']}, {env['cpu_count']} CPUs, {env['threads']} threads; torch "
+        + f"{env['versions']['torch']}.",
+        "",
+        "ms: median wall time of the forward without the profiler. Each op's share is its self CPU time in the "
+        "profiled run; Python + dispatch is what the ops leave of the unprofiled wall time (the profiler's own cost "
+        "falls between ops, so it is not counted there; if the ops sum to more than the wall time the shares are "
+        "of their sum). The GEMM ceiling is fastbert's "
+        "oneDNN linear at 1024 tokens on the model's feed-forward shape, weights hot, measured just before each "
+        "row; its range over the rows: "
+        + ", ".join(f"{k} {min(v):.0f}-{max(v):.0f} GFLOP/s" for k, v in r["ceilings_gflops"].items())
+        + ".",
+        "",
+        "| " + " | ".join(head) + " | GEMM ceiling | whole model, share of the ceiling |",
+        "|" + "---|" * (len(head) + 2),
+    ]
+    for c in r["cells"]:
+        shares = [f"{c['share'][k]:.1%}" for k, _ in CATEGORIES]
+        gemm = f"{c['gemm_gflops']:.0f}" if c["gemm_gflops"] else "-"
+        attn = f"{c['attention_gflops']:.0f}" if c["attention_gflops"] else "-"
+        frac = c["model_gflops"] / c["ceiling_gflops"]
+        lines.append(
+            f"| {c['model']} | {c['size']} | {c['wall_ms']:.1f} | "
+            + " | ".join(shares)
+            + f" | {gemm} | {attn} | {c['ceiling_gflops']:.0f} | {c['model_gflops']:.0f} GFLOP/s = {frac:.0%} |"
+        )
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
