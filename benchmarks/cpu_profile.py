@@ -56,24 +56,23 @@ def category(op: str) -> str:
     return "aten"
 
 
-def wall_per_call(fn: Callable[[], object], min_seconds: float) -> tuple[float, int]:
-    """Median seconds per call over batches of calls, and the batch size used."""
+def timed(fn: Callable[[], object], calls: int) -> float:
+    """Seconds per call over ``calls`` back-to-back calls."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
+
+
+def calls_for(fn: Callable[[], object], seconds: float) -> int:
+    """How many calls of fn take about ``seconds`` (at least one)."""
     start = time.perf_counter()
     fn()
-    one = max(time.perf_counter() - start, 1e-6)
-    inner = max(1, int(0.2 / one))
-    samples = []
-    start = time.perf_counter()
-    while time.perf_counter() - start < min_seconds or len(samples) < 3:
-        t = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        samples.append((time.perf_counter() - t) / inner)
-    return statistics.median(samples), inner
+    return max(1, int(seconds / max(time.perf_counter() - start, 1e-6)))
 
 
-def gemm_ceiling(hidden: int, intermediate: int, seconds: float) -> float:
-    """GFLOP/s of fastbert's cpp linear at (1024 x hidden) @ (hidden x intermediate), weights hot."""
+def gemm_case(hidden: int, intermediate: int) -> tuple[Callable[[], object], int]:
+    """fastbert's cpp linear at (1024 x hidden) @ (hidden x intermediate) on a prepacked weight, and its FLOPs."""
     from fastbert import _cpp
 
     gen = torch.Generator().manual_seed(0)
@@ -81,43 +80,64 @@ def gemm_ceiling(hidden: int, intermediate: int, seconds: float) -> float:
     w = torch.randn(intermediate, hidden, generator=gen)
     b = torch.randn(intermediate, generator=gen)
     packed = _cpp.prepack_linear(w)
-    with torch.inference_mode():
-        t, _ = wall_per_call(lambda: _cpp.linear(x, w, b, None, packed), seconds)
-    return 2 * 1024 * hidden * intermediate / t / 1e9
+    return (lambda: _cpp.linear(x, w, b, None, packed)), 2 * 1024 * hidden * intermediate
 
 
-def profile_cell(system: bench.FastbertSystem, model: bench.BenchModel, size: bench.Size, seconds: float) -> dict:
+def profile_cell(
+    system: bench.FastbertSystem, model: bench.BenchModel, size: bench.Size, rounds: int, seconds: float
+) -> dict:
+    """``rounds`` rounds of (GEMM ceiling, unprofiled forward, profiled forward), back to back.
+
+    The host is shared and its speed drifts by up to 2x within minutes, so every ratio (share of the ceiling) is
+    taken within a round and the median over rounds is reported; the per-op split sums the profiled rounds.
+    """
     ids, mask, lengths = size.make_inputs(model)
     run = lambda: system.run(ids, mask)  # noqa: E731
+    gemm, gemm_flops_1024 = gemm_case(model.hidden, model.intermediate)
+    with torch.inference_mode():
+        gemm()
+        gemm_calls = calls_for(gemm, 0.2)
     for _ in range(2):
         run()
-    wall, inner = wall_per_call(run, seconds)
-    calls = max(3, inner)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        start = time.perf_counter()
-        for _ in range(calls):
-            run()
-        profiled_wall = (time.perf_counter() - start) / calls
-    ms = {key: 0.0 for key, _ in CATEGORIES}
-    for evt in prof.key_averages():
-        ms[category(evt.key)] += evt.self_cpu_time_total / 1e3 / calls
-    # The profiler's own cost lands between ops, so the rest is taken from the unprofiled wall time.
-    ms["python"] = max(0.0, wall * 1e3 - sum(ms.values()))
-    total = sum(ms.values())
+    calls = calls_for(run, seconds / 2)
     gemm_flops = 2 * model.layers * sum(lengths) * (4 * model.hidden**2 + 2 * model.hidden * model.intermediate)
     gemm_flops += 2 * len(lengths) * model.hidden**2  # pooler
     attn_flops = 4 * model.layers * model.hidden * sum(s * s for s in lengths)
+    ms = {key: 0.0 for key, _ in CATEGORIES}
+    walls, ceilings, fractions, profiled_total = [], [], [], 0.0
+    for _ in range(rounds):
+        with torch.inference_mode():
+            ceiling = gemm_flops_1024 / timed(gemm, gemm_calls) / 1e9
+        wall = timed(run, calls)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            profiled = timed(run, calls)
+        for evt in prof.key_averages():
+            ms[category(evt.key)] += evt.self_cpu_time_total / 1e3 / calls
+        profiled_total += profiled * 1e3
+        walls.append(wall)
+        ceilings.append(ceiling)
+        fractions.append((gemm_flops + attn_flops) / wall / 1e9 / ceiling)
+    # What the ops leave of the profiled wall time: Python, dispatch, and the profiler's own per-op cost (a few us
+    # per op call: visible only at the smallest sizes).
+    ms["python"] = max(0.0, profiled_total - sum(ms.values()))
+    total = sum(ms.values())
+    ms = {k: v / rounds for k, v in ms.items()}
+    wall = statistics.median(walls)
     return {
         "model": model.label,
         "size": size.label,
         "tokens": sum(lengths),
+        "rounds": rounds,
         "wall_ms": wall * 1e3,
-        "profiled_wall_ms": profiled_wall * 1e3,
+        "walls_ms": [w * 1e3 for w in walls],
         "ms": ms,
-        "share": {k: v / total for k, v in ms.items()},
+        "share": {k: v * rounds / total for k, v in ms.items()},
         "gemm_gflops": gemm_flops / (ms["gemm"] / 1e3) / 1e9 if ms["gemm"] > 0 else None,
         "attention_gflops": attn_flops / (ms["attention"] / 1e3) / 1e9 if ms["attention"] > 0 else None,
         "model_gflops": (gemm_flops + attn_flops) / wall / 1e9,
+        "ceiling_gflops": statistics.median(ceilings),
+        "ceilings_gflops": ceilings,
+        "ceiling_fraction": statistics.median(fractions),
     }
 
 
@@ -126,7 +146,8 @@ def main() -> int:
     ap.add_argument("--models", default="minilm-l6,bert-base")
     ap.add_argument("--sizes", default="1x32,1x128,8x128,32x128,8x512,32x8-128")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seconds", type=float, default=2.0, help="minimum timed seconds per cell (unprofiled)")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of (ceiling, forward, profiled forward) per cell")
+    ap.add_argument("--seconds", type=float, default=1.0, help="about this many seconds of forwards per round")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu-profile"))
     args = ap.parse_args()
@@ -140,17 +161,14 @@ def main() -> int:
             system = bench.FastbertSystem("cpp")
             system.prepare(model, torch.float32, torch.device("cpu"), args.threads, workdir)
             for size in sizes:
-                # The host is shared and its speed drifts: the ceiling is re-measured beside every cell.
-                ceiling = gemm_ceiling(model.hidden, model.intermediate, args.seconds / 2)
-                cell = profile_cell(system, model, size, args.seconds)
-                cell["ceiling_gflops"] = ceiling
-                ceilings.setdefault(model.label, []).append(ceiling)
+                cell = profile_cell(system, model, size, args.rounds, args.seconds)
+                ceilings.setdefault(model.label, []).extend(cell["ceilings_gflops"])
                 cells.append(cell)
                 print(
                     f"  {model.label} {size.label}: {cell['wall_ms']:.1f} ms, GEMM {cell['share']['gemm']:.0%} at "
                     f"{cell['gemm_gflops']:.0f} GFLOP/s, attention {cell['share']['attention']:.0%}, "
-                    f"model {cell['model_gflops']:.0f} GFLOP/s = {cell['model_gflops'] / ceiling:.0%} of the "
-                    f"ceiling ({ceiling:.0f})",
+                    f"model {cell['model_gflops']:.0f} GFLOP/s = {cell['ceiling_fraction']:.0%} of the ceiling "
+                    f"(median {cell['ceiling_gflops']:.0f})",
                     flush=True,
                 )
             system.release()
@@ -182,12 +200,14 @@ def write_markdown(path: str, r: dict) -> None:
         + f". {env['device_name']}, {env['cpu_count']} CPUs, {env['threads']} threads; torch "
         + f"{env['versions']['torch']}.",
         "",
-        "ms: median wall time of the forward without the profiler. Each op's share is its self CPU time in the "
-        "profiled run; Python + dispatch is what the ops leave of the unprofiled wall time (the profiler's own cost "
-        "falls between ops, so it is not counted there; if the ops sum to more than the wall time the shares are "
-        "of their sum). The GEMM ceiling is fastbert's "
-        "oneDNN linear at 1024 tokens on the model's feed-forward shape, weights hot, measured just before each "
-        "row; its range over the rows: "
+        f"Each cell runs {r['cells'][0]['rounds'] if r['cells'] else '?'} rounds of: the GEMM ceiling (fastbert's "
+        "oneDNN linear at 1024 tokens on the model's feed-forward shape, weights hot), the forward without the "
+        "profiler, the forward under torch.profiler; the host's speed drifts, so ratios are taken within a round. "
+        "ms: median unprofiled forward. Shares: each op's self CPU time over the profiled wall time; Python + "
+        "dispatch is what the ops leave (it includes the profiler's own few microseconds per op call). GEMM and "
+        "attention GFLOP/s: their FLOPs over their profiled time. GEMM ceiling: median over the rounds. Whole "
+        "model: useful FLOPs (fastbert.bench.encoder_flops + pooler) per unprofiled second, and the median over "
+        "rounds of its ratio to that round's ceiling. Ceilings seen: "
         + ", ".join(f"{k} {min(v):.0f}-{max(v):.0f} GFLOP/s" for k, v in r["ceilings_gflops"].items())
         + ".",
         "",
@@ -198,7 +218,7 @@ def write_markdown(path: str, r: dict) -> None:
         shares = [f"{c['share'][k]:.1%}" for k, _ in CATEGORIES]
         gemm = f"{c['gemm_gflops']:.0f}" if c["gemm_gflops"] else "-"
         attn = f"{c['attention_gflops']:.0f}" if c["attention_gflops"] else "-"
-        frac = c["model_gflops"] / c["ceiling_gflops"]
+        frac = c["ceiling_fraction"]
         lines.append(
             f"| {c['model']} | {c['size']} | {c['wall_ms']:.1f} | "
             + " | ".join(shares)
