@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 import time
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _results import save  # noqa: E402
 from encode import git_sha, machine, make_sentences, versions  # noqa: E402
 
 
@@ -105,11 +105,7 @@ def main() -> int:
         "rows": rows,
     }
     if not args.no_write:
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out + ".json", "w") as fh:
-            json.dump(result, fh, indent=2)
-        write_markdown(args.out + ".md", result)
-        print(f"wrote {args.out}.json and {args.out}.md")
+        save(args.out, result, write_markdown)
     return 0
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -28,6 +27,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from _results import save
 
 from fastbert import bench
 
@@ -181,11 +181,7 @@ def main() -> int:
         "cells": cells,
     }
     if not args.no_write:
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out + ".json", "w") as fh:
-            json.dump(result, fh, indent=2)
-        write_markdown(args.out + ".md", result)
-        print(f"wrote {args.out}.json and {args.out}.md")
+        save(args.out, result, write_markdown)
     return 0
 
 

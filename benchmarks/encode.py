@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import subprocess
@@ -23,6 +22,7 @@ import time
 
 import numpy as np
 import torch
+from _results import save
 
 
 def make_sentences(vocab_path: str, n: int, seed: int = 0) -> list[str]:
@@ -177,10 +177,7 @@ def main() -> int:
         "rows": rows,
     }
     if not args.no_write:
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out + ".json", "w") as fh:
-            json.dump(result, fh, indent=1)
-        write_markdown(args.out + ".md", result)
+        save(args.out, result, write_markdown)
     return 0
 
 
