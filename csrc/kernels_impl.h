@@ -334,6 +334,7 @@ struct Prefetcher {
       }
     }
   }
+  void clear() { q = q_end = kv = kv_end = 0; }  // the last task of this thread's share: nothing comes next
   int remaining() const { return (q_end - q) + (kv_end - kv); }
 };
 // (always_inline: GCC's IPA pass treats an out-of-line function holding only prefetches as pure and deletes the
@@ -369,6 +370,8 @@ static void attention(const AttnTask* tasks, int64_t n, const void* qkv, int64_t
     if (t + 1 < n) {
       const AttnTask& next = tasks[t + 1];
       pf.reset(next, next.start != task.start || next.head != task.head, D);
+    } else {
+      pf.clear();
     }
     const float* v = vb;
     const int64_t ldv = D;
