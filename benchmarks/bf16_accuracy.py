@@ -24,11 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _results import save  # noqa: E402
-from encode import git_sha, machine, make_sentences, versions  # noqa: E402
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+from encode import cosines, git_sha, machine, make_sentences, versions  # noqa: E402
 
 
 def compare(vectors: np.ndarray, ref: np.ndarray) -> dict:

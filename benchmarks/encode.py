@@ -25,6 +25,11 @@ import torch
 from _results import save
 
 
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of two (n, dim) arrays."""
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
 def make_sentences(vocab_path: str, n: int, seed: int = 0) -> list[str]:
     """n sentences of 5..80 words from the whole-word entries of a WordPiece vocab (deterministic)."""
     with open(vocab_path, encoding="utf-8") as fh:
@@ -147,7 +152,7 @@ def main() -> int:
         }
         if name != "sentence-transformers":
             v = vectors[name]
-            cos = (v * ref).sum(1) / (np.linalg.norm(v, axis=1) * np.linalg.norm(ref, axis=1))
+            cos = cosines(v, ref)
             row["min_cosine_vs_st"] = float(cos.min())
             row["max_abs_diff_vs_st"] = float(np.abs(v - ref).max())
         rows.append(row)

@@ -119,7 +119,7 @@ def native_bf16() -> bool:
 
     Without them oneDNN emulates bfloat16 GEMMs with float32 arithmetic plus conversions, which is slower than
     plain float32 (on a 2-core AVX-512 Xeon without AVX512-BF16, benchmarks/results/cpu-kernels.md and
-    cpu-bf16.md: GEMMs 3.5-4x slower, MiniLM-L6 (8,128) 453 ms against 122 ms in float32).
+    cpu-bf16.md: GEMMs 4.1-4.8x slower, MiniLM-L6 (8,128) 453 ms against 122 ms in float32).
     """
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         fn = getattr(torch.cpu, probe, None)
