@@ -2,8 +2,8 @@
 
 from .config import EncoderConfig, UnsupportedModelError
 from .loading import CheckpointError
-from .modeling import (
-    AutoModel,
+from .modeling import AutoModel
+from .heads import (
     AutoModelForMaskedLM,
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,

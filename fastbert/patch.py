@@ -59,17 +59,12 @@ def _shared_encoder(base: nn.Module, backend: str) -> AutoModel:
     if left:
         raise loading.CheckpointError(f"optimize(): {type(base).__name__} lacks parameters for {left[:5]}")
     enc.set_backend(backend)
-    enc._backend_request = backend
-    enc._backend_device_type = device.type
     return enc
 
 
 def _fast_forward(self, *args, **kwargs):
     enc = getattr(self, _ATTR)
-    device = next(self.parameters()).device
-    if device.type != enc._backend_device_type:  # the transformers model was moved: pick again for the new device
-        enc._backend_device_type = device.type
-        enc.set_backend(enc._backend_request)
+    enc.follow_device()  # the transformers model may have been moved: its parameters are the encoder's
     return enc(*args, **kwargs)
 
 

@@ -1,0 +1,252 @@
+"""Task heads: subclasses of the encoder model that add ``self.head`` and say three things.
+
+``logits(batch, packed)``: the head on the packed last hidden state (per sequence or per token), ``loss``:
+transformers' loss for that task, ``output``: transformers' output class. One generic ``forward`` (padded
+transformers-style arguments) and ``forward_batch`` / ``forward_packed`` (packed) serve every head; state
+dicts hold the encoder's names plus ``head.*``, mapped to each family's HF head names by ``fastbert.loading``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import EncoderConfig
+from .inputs import PackedBatch
+from .modeling import AutoModel, Linear, finish, first_tokens
+
+
+class _Head(AutoModel):
+    """An encoder plus a task head."""
+
+    per_token = True  # logits per token (re-padded to (batch, seqlen, ...)) or per sequence (batch, ...)
+
+    def logits(self, batch: PackedBatch, packed: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def loss(self, logits: Tensor, targets: tuple[Tensor | None, ...]) -> Tensor | None:
+        raise NotImplementedError
+
+    def output(self, loss: Tensor | None, logits: Tensor, hidden_states: tuple[Tensor, ...] | None) -> Any:
+        raise NotImplementedError
+
+    def forward_batch(self, batch: PackedBatch, hidden_states: list[Tensor] | None = None) -> Tensor:
+        """Packed logits: (batch, ...) for a per-sequence head, (total_tokens, ...) for a per-token head."""
+        return self.logits(batch, self.encode_batch(batch, hidden_states))
+
+    def _forward(self, args: tuple, targets: tuple, output_hidden_states, return_dict, kwargs):
+        batch, packed, hidden = self._run_padded(*args, output_hidden_states, kwargs)
+        logits = self.logits(batch, packed)
+        if self.per_token:
+            logits = batch.pad(logits)
+        loss = self.loss(logits, targets) if all(t is not None for t in targets) else None
+        return finish(self.output(loss, logits, hidden), return_dict)
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ):
+        args = (input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+        return self._forward(args, (labels,), output_hidden_states, return_dict, kwargs)
+
+    @classmethod
+    def _hf_auto_class(cls):
+        import transformers
+
+        return getattr(transformers, cls.__name__)  # fastbert's head classes carry transformers' Auto names
+
+
+class ClassificationHead(nn.Module):
+    """[dense -> act ->] out_proj; ``dense`` is absent where the pooler (BERT) or nothing precedes out_proj."""
+
+    def __init__(self, hidden: int, num_labels: int, act: str | None = None, with_dense: bool = False):
+        super().__init__()
+        self.dense = Linear(hidden, hidden) if with_dense else None
+        self.act = act
+        self.out_proj = Linear(hidden, num_labels)
+
+
+class AutoModelForSequenceClassification(_Head):
+    """Sequence classification / regression; logits and loss as transformers computes them."""
+
+    task = "sequence-classification"
+    per_token = False
+
+    def uses_pooler(self) -> bool:
+        return self.cfg.family.classifier.uses_pooler
+
+    def build_head(self) -> nn.Module:
+        layout = self.cfg.family.classifier
+        return ClassificationHead(
+            self.cfg.hidden_size, self.config.num_labels, layout.act, with_dense=not layout.uses_pooler
+        )
+
+    def logits(self, batch: PackedBatch, packed: Tensor) -> Tensor:
+        ops = self.backend
+        if self.head.dense is None:
+            x = self.pool(packed, batch.cu_seqlens)  # (batch, hidden)
+        else:
+            x = self.head.dense(first_tokens(packed, batch.cu_seqlens), ops, act=self.head.act)
+        return self.head.out_proj(x, ops)  # (batch, num_labels)
+
+    def loss(self, logits: Tensor, targets: tuple[Tensor | None, ...]) -> Tensor:
+        labels = targets[0].to(logits.device)
+        num_labels = self.config.num_labels
+        problem = self.config.problem_type
+        if problem is None:
+            if num_labels == 1:
+                problem = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem = "single_label_classification"
+            else:
+                problem = "multi_label_classification"
+            self.config.problem_type = problem
+        if problem == "regression":
+            return F.mse_loss(logits.squeeze(), labels.squeeze()) if num_labels == 1 else F.mse_loss(logits, labels)
+        if problem == "single_label_classification":
+            return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1))
+        return F.binary_cross_entropy_with_logits(logits, labels)
+
+    def output(self, loss, logits, hidden_states):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states)
+
+
+class AutoModelForTokenClassification(_Head):
+    """Per-token classification (NER); logits (batch, seqlen, num_labels), loss ignores label -100."""
+
+    task = "token-classification"
+
+    def uses_pooler(self) -> bool:
+        return False
+
+    def build_head(self) -> nn.Module:
+        return ClassificationHead(self.cfg.hidden_size, self.config.num_labels)
+
+    def logits(self, batch: PackedBatch, packed: Tensor) -> Tensor:
+        return self.head.out_proj(packed, self.backend)  # (T, num_labels)
+
+    def loss(self, logits: Tensor, targets: tuple[Tensor | None, ...]) -> Tensor:
+        labels = targets[0].to(logits.device)
+        return F.cross_entropy(logits.view(-1, self.config.num_labels), labels.view(-1))
+
+    def output(self, loss, logits, hidden_states):
+        from transformers.modeling_outputs import TokenClassifierOutput
+
+        return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states)
+
+
+class AutoModelForQuestionAnswering(_Head):
+    """Extractive QA: start/end logits (batch, seqlen); loss = mean of start and end cross-entropies."""
+
+    task = "question-answering"
+
+    def uses_pooler(self) -> bool:
+        return False
+
+    def build_head(self) -> nn.Module:
+        return ClassificationHead(self.cfg.hidden_size, self.config.num_labels)
+
+    def logits(self, batch: PackedBatch, packed: Tensor) -> Tensor:
+        return self.head.out_proj(packed, self.backend)  # (T, 2): start, end
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        start_positions: Tensor | None = None,
+        end_positions: Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ):
+        args = (input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+        return self._forward(args, (start_positions, end_positions), output_hidden_states, return_dict, kwargs)
+
+    def loss(self, logits: Tensor, targets: tuple[Tensor | None, ...]) -> Tensor:
+        start_logits, end_logits = _split_start_end(logits)
+        ignored = start_logits.size(1)
+        start, end = (t.to(logits.device).view(-1).clamp(0, ignored) for t in targets)
+        return (
+            F.cross_entropy(start_logits, start, ignore_index=ignored)
+            + F.cross_entropy(end_logits, end, ignore_index=ignored)
+        ) / 2
+
+    def output(self, loss, logits, hidden_states):
+        from transformers.modeling_outputs import QuestionAnsweringModelOutput
+
+        start_logits, end_logits = _split_start_end(logits)
+        return QuestionAnsweringModelOutput(
+            loss=loss, start_logits=start_logits, end_logits=end_logits, hidden_states=hidden_states
+        )
+
+
+def _split_start_end(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """(batch, seqlen, 2) -> start, end logits (batch, seqlen) each."""
+    start, end = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
+    return start, end
+
+
+class MaskedLMHead(nn.Module):
+    """dense -> act -> LayerNorm -> decoder (tied to the word embeddings unless the config unties it) + bias."""
+
+    def __init__(self, cfg: EncoderConfig, act: str, tied: bool):
+        super().__init__()
+        out = cfg.embedding_size if cfg.family.mlm_width_is_embedding else cfg.hidden_size
+        self.dense = Linear(cfg.hidden_size, out)
+        self.act = act
+        self.norm = nn.LayerNorm(out, eps=cfg.layer_norm_eps)
+        self.decoder = Linear(out, cfg.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.tied = tied
+
+
+class AutoModelForMaskedLM(_Head):
+    """Masked-token prediction; logits (batch, seqlen, vocab), loss ignores label -100."""
+
+    task = "masked-lm"
+
+    def uses_pooler(self) -> bool:
+        return False
+
+    def build_head(self) -> nn.Module:
+        act = self.cfg.family.mlm_act or self.cfg.activation
+        return MaskedLMHead(self.cfg, act, tied=bool(getattr(self.config, "tie_word_embeddings", True)))
+
+    def _is_tied(self, name: str) -> bool:
+        return name == "head.decoder.weight" and self.head.tied
+
+    def _tie_weights(self) -> None:
+        if self.head.tied:
+            self.head.decoder.weight = self.embeddings.word.weight
+
+    def logits(self, batch: PackedBatch, packed: Tensor) -> Tensor:
+        ops, head = self.backend, self.head
+        h = head.dense(packed, ops, act=head.act)
+        h = ops.add_layernorm(h, None, head.norm.weight, head.norm.bias, head.norm.eps)
+        weight, _, packed_w = head.decoder.resolved(ops)
+        return ops.linear(h, weight, head.bias, None, packed=packed_w)  # (T, vocab)
+
+    def loss(self, logits: Tensor, targets: tuple[Tensor | None, ...]) -> Tensor:
+        labels = targets[0].to(logits.device)
+        return F.cross_entropy(logits.view(-1, self.cfg.vocab_size), labels.view(-1), ignore_index=-100)
+
+    def output(self, loss, logits, hidden_states):
+        from transformers.modeling_outputs import MaskedLMOutput
+
+        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=hidden_states)

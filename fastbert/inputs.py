@@ -1,0 +1,270 @@
+"""Inputs: argument checks and the one packed batch type every encoder entry point runs on.
+
+Three ways build a ``PackedBatch``: ``prepare`` from transformers-style padded arguments (ids + mask),
+``PackedBatch.from_lengths`` / the tokeniser (``fastbert.tokenize``) straight from token lists, and
+``PackedBatch.packed`` from already packed tensors (``forward_packed``). ``with_defaults`` is the only place
+that fills default positions (RoBERTa: after ``pad_token_id``) and token types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import padding
+from .config import EncoderConfig
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """A batch of sequences as packed tokens, with no padding anywhere.
+
+    cu_seqlens: (batch + 1,) int32 cumulative lengths; max_seqlen: the longest sequence (a host int, so kernels
+    never need a device-to-host sync). Exactly one of input_ids (total_tokens,) int64 and inputs_embeds
+    (total_tokens, embedding_size). position_ids / token_type_ids: (total_tokens,) int64, None until
+    ``with_defaults`` fills them (token_type_ids stays None for families without token types).
+    packing: where the tokens sat in the padded (batch, seqlen) input, when there was one (to re-pad outputs).
+    """
+
+    cu_seqlens: Tensor
+    max_seqlen: int
+    input_ids: Tensor | None = None
+    inputs_embeds: Tensor | None = None
+    position_ids: Tensor | None = None
+    token_type_ids: Tensor | None = None
+    packing: padding.Packing | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    @property
+    def total_tokens(self) -> int:
+        return (self.input_ids if self.input_ids is not None else self.inputs_embeds).shape[0]
+
+    def replace(self, **changes) -> PackedBatch:
+        return dataclasses.replace(self, **changes)
+
+    def to(self, device: torch.device | str) -> PackedBatch:
+        """The same batch with every tensor on ``device``."""
+
+        def move(t: Tensor | None) -> Tensor | None:
+            return t.to(device) if t is not None else None
+
+        return self.replace(
+            cu_seqlens=self.cu_seqlens.to(device),
+            input_ids=move(self.input_ids),
+            inputs_embeds=move(self.inputs_embeds),
+            position_ids=move(self.position_ids),
+            token_type_ids=move(self.token_type_ids),
+        )
+
+    def pad(self, packed: Tensor) -> Tensor:
+        """(total_tokens, ...) rows back to the padded (batch, seqlen, ...) layout of the input."""
+        if self.packing is None:
+            raise ValueError("this batch was not built from a padded input; there is no padded layout to restore")
+        return padding.pad(packed, self.packing)
+
+    @classmethod
+    def from_lengths(
+        cls, input_ids: Tensor, lengths: Sequence[int] | Tensor, token_type_ids: Tensor | None = None
+    ) -> PackedBatch:
+        """Packed ids (total_tokens,) of sequences of the given lengths, in order."""
+        lengths = torch.as_tensor(lengths, dtype=torch.int64)
+        cu = padding.cu_seqlens_from_lengths(lengths, device=input_ids.device)
+        max_seqlen = int(lengths.max()) if lengths.numel() else 0
+        return cls(cu, max_seqlen, input_ids=input_ids, token_type_ids=token_type_ids)
+
+    @classmethod
+    def packed(
+        cls,
+        input_ids: Tensor | None,
+        cu_seqlens: Tensor,
+        max_seqlen: int,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+    ) -> PackedBatch:
+        """A batch from already packed tensors (the arguments of ``forward_packed``)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        return cls(
+            cu_seqlens,
+            int(max_seqlen),
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            position_ids=position_ids,
+            token_type_ids=token_type_ids,
+        )
+
+
+def with_defaults(cfg: EncoderConfig, batch: PackedBatch) -> PackedBatch:
+    """Fill default position ids (0.. per sequence; RoBERTa: pad_token_id + 1 ..) and token types (zeros)."""
+    changes = {}
+    if batch.position_ids is None:
+        pos = padding.sequence_positions(batch.cu_seqlens, batch.total_tokens)
+        if cfg.family.positions_after_pad:
+            pos = pos + (cfg.pad_token_id + 1)
+        changes["position_ids"] = pos
+    if cfg.type_vocab_size > 0 and batch.token_type_ids is None:
+        ref = changes.get("position_ids", batch.position_ids)
+        changes["token_type_ids"] = torch.zeros(batch.total_tokens, dtype=torch.long, device=ref.device)
+    return batch.replace(**changes) if changes else batch
+
+
+# ----------------------------------------------------------------------------------------------------------
+# transformers-style arguments (padded) -> one PackedBatch
+# ----------------------------------------------------------------------------------------------------------
+
+_UNSUPPORTED = ("head_mask", "encoder_hidden_states", "encoder_attention_mask", "past_key_values")
+_IGNORABLE = ("use_cache", "cache_position")
+
+
+def check_kwargs(kwargs: dict) -> None:
+    """Refuse what fastbert cannot honour; unknown names are a TypeError, as a Python function would raise."""
+    for name, value in kwargs.items():
+        if name in _UNSUPPORTED:
+            if value is not None:
+                raise NotImplementedError(
+                    f"fastbert does not support {name}= (it runs encoders without head masks or caches)"
+                )
+        elif name == "output_attentions":
+            if value:
+                raise NotImplementedError(
+                    "fastbert does not return attention probabilities (output_attentions=True): its fused attention "
+                    "never materialises them; use transformers with attn_implementation='eager' for that"
+                )
+        elif name not in _IGNORABLE:
+            raise TypeError(f"unexpected argument {name!r}")
+
+
+def key_mask(attention_mask: Tensor | None, batch: int, seqlen: int, device: torch.device) -> Tensor:
+    """A (batch, seqlen) bool mask, True = real token, from a 2-D 0/1/bool mask or a 4-D padding mask."""
+    if attention_mask is None:
+        return torch.ones(batch, seqlen, dtype=torch.bool, device=device)
+    m = attention_mask.to(device)
+    if m.dim() == 2:
+        if tuple(m.shape) != (batch, seqlen):
+            raise ValueError(f"attention_mask has shape {tuple(m.shape)} but input has shape {(batch, seqlen)}")
+        if m.dtype != torch.bool:
+            bad = (m != 0) & (m != 1)
+            if bool(bad.any()):
+                raise ValueError(f"2-D attention_mask must hold 0/1 or bools, found {m[bad].flatten()[0].item()}")
+            m = m != 0
+        return m
+    if m.dim() == 4:
+        if m.shape[0] != batch or m.shape[-1] != seqlen or m.shape[1] not in (1,) or m.shape[2] not in (1, seqlen):
+            raise ValueError(
+                f"4-D attention_mask has shape {tuple(m.shape)}; expected (batch, 1, seqlen or 1, seqlen) = "
+                f"({batch}, 1, {seqlen}, {seqlen})"
+            )
+        if m.dtype == torch.bool:
+            keep = m  # True = attend
+        elif m.is_floating_point():
+            keep = m == 0  # additive: 0 = attend, a large negative value = masked
+            if bool(((m != 0) & (m > torch.finfo(m.dtype).min / 2)).any()):
+                raise ValueError("4-D additive attention_mask must hold 0 (attend) or a large negative value (masked)")
+        else:
+            raise ValueError(f"4-D attention_mask must be bool or an additive float mask, got {m.dtype}")
+        if not bool((keep == keep[:, :, :1, :]).all()):
+            raise ValueError(
+                "4-D attention_mask is not a plain padding mask (it differs between query positions); fastbert "
+                "supports padding masks only"
+            )
+        return keep[:, 0, 0, :]
+    raise ValueError(
+        f"attention_mask must be 2-D (batch, seqlen) or a 4-D padding mask, got {m.dim()}-D shape {tuple(m.shape)}"
+    )
+
+
+def check_ids(name: str, ids: Tensor, upper: int, what: str) -> None:
+    """``ids`` must be an integer tensor with values in [0, upper)."""
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {ids.dtype}")
+    if ids.numel() == 0:
+        return
+    lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one device sync for both bounds
+    if lo < 0:
+        raise ValueError(f"{name} contains {lo}, a negative value")
+    if hi >= upper:
+        raise ValueError(f"{name} contains {hi} but {what} is {upper}")
+
+
+def prepare(
+    cfg: EncoderConfig,
+    input_ids: Tensor | None,
+    attention_mask: Tensor | None,
+    token_type_ids: Tensor | None,
+    position_ids: Tensor | None,
+    inputs_embeds: Tensor | None,
+    device: torch.device,
+) -> PackedBatch:
+    """Check transformers-style padded arguments and unpad them once into a PackedBatch on ``device``."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    if input_ids is not None:
+        if not isinstance(input_ids, Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be 2-D (batch, seqlen), got shape {tuple(input_ids.shape)}")
+        check_ids("input_ids", input_ids, cfg.vocab_size, "vocab_size")
+        batch, seqlen = input_ids.shape
+        input_ids = input_ids.to(device)
+    else:
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != cfg.embedding_size:
+            raise ValueError(
+                f"inputs_embeds must be (batch, seqlen, {cfg.embedding_size}), got shape {tuple(inputs_embeds.shape)}"
+            )
+        batch, seqlen = inputs_embeds.shape[:2]
+    if seqlen > cfg.max_sequence_length and position_ids is None:
+        raise ValueError(
+            f"sequence length {seqlen} exceeds the model's maximum of {cfg.max_sequence_length} positions "
+            "(max_position_embeddings); truncate the input"
+        )
+    packing = padding.unpad(key_mask(attention_mask, batch, seqlen, device))
+
+    if position_ids is not None:
+        position_ids = position_ids.to(device).expand(batch, seqlen) if position_ids.dim() <= 2 else position_ids
+        if tuple(position_ids.shape) != (batch, seqlen):
+            raise ValueError(
+                f"position_ids has shape {tuple(position_ids.shape)} but input has shape {(batch, seqlen)}"
+            )
+        check_ids("position_ids", position_ids, cfg.max_position_embeddings, "max_position_embeddings")
+    elif cfg.family.positions_after_pad and input_ids is not None:
+        # transformers: a cumulative count over non-pad ids, so pads (wherever they sit) keep pad_token_id.
+        pad = cfg.pad_token_id
+        real = (input_ids != pad).int()
+        position_ids = torch.cumsum(real, dim=1) * real + pad
+    else:  # column indices of the padded row (RoBERTa with inputs_embeds: from pad_token_id + 1), as transformers
+        start = cfg.pad_token_id + 1 if cfg.family.positions_after_pad else 0
+        position_ids = torch.arange(start, start + seqlen, device=device).expand(batch, seqlen)
+
+    if token_type_ids is not None:
+        if cfg.type_vocab_size == 0:
+            raise ValueError(f"{cfg.model_type} has no token types; do not pass token_type_ids")
+        if tuple(token_type_ids.shape) != (batch, seqlen):
+            raise ValueError(
+                f"token_type_ids has shape {tuple(token_type_ids.shape)} but input has shape {(batch, seqlen)}"
+            )
+        check_ids("token_type_ids", token_type_ids, cfg.type_vocab_size, "type_vocab_size")
+
+    def gather(t: Tensor | None) -> Tensor | None:
+        return padding.gather(t.to(device).contiguous(), packing) if t is not None else None
+
+    return with_defaults(
+        cfg,
+        PackedBatch(
+            packing.cu_seqlens,
+            packing.max_seqlen,
+            input_ids=gather(input_ids),
+            inputs_embeds=gather(inputs_embeds),
+            position_ids=gather(position_ids),
+            token_type_ids=gather(token_type_ids),
+            packing=packing,
+        ),
+    )
+
