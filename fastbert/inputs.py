@@ -28,6 +28,8 @@ class PackedBatch:
     (total_tokens, embedding_size). position_ids / token_type_ids: (total_tokens,) int64, None until
     ``with_defaults`` fills them (token_type_ids stays None for families without token types).
     packing: where the tokens sat in the padded (batch, seqlen) input, when there was one (to re-pad outputs).
+    checked: whether ``check_batch`` (or ``prepare``, which checks as it builds) has validated it against a
+    config; the model checks every other batch once before any kernel sees it.
     """
 
     cu_seqlens: Tensor
@@ -37,6 +39,7 @@ class PackedBatch:
     position_ids: Tensor | None = None
     token_type_ids: Tensor | None = None
     packing: padding.Packing | None = None
+    checked: bool = False
 
     @property
     def batch_size(self) -> int:
@@ -162,9 +165,13 @@ def key_mask(attention_mask: Tensor | None, batch: int, seqlen: int, device: tor
                 f"4-D attention_mask has shape {tuple(m.shape)}; expected (batch, 1, seqlen or 1, seqlen) = "
                 f"({batch}, 1, {seqlen}, {seqlen})"
             )
+        if seqlen == 0:
+            return torch.ones(batch, 0, dtype=torch.bool, device=device)
         if m.dtype == torch.bool:
             keep = m  # True = attend
         elif m.is_floating_point():
+            if bool(torch.isnan(m).any()):
+                raise ValueError("4-D additive attention_mask contains NaN; use 0 (attend) or a large negative value")
             keep = m == 0  # additive: 0 = attend, a large negative value = masked
             if bool(((m != 0) & (m > torch.finfo(m.dtype).min / 2)).any()):
                 raise ValueError("4-D additive attention_mask must hold 0 (attend) or a large negative value (masked)")
@@ -181,17 +188,94 @@ def key_mask(attention_mask: Tensor | None, batch: int, seqlen: int, device: tor
     )
 
 
-def check_ids(name: str, ids: Tensor, upper: int, what: str) -> None:
-    """``ids`` must be an integer tensor with values in [0, upper)."""
+def check_ids(name: str, ids: Tensor, upper: int, what: str) -> Tensor:
+    """``ids`` as int64, checked to be an integer tensor with values in [0, upper).
+
+    Any integer dtype is accepted (uint8 / int16 / int32 ids are cast, as an embedding lookup needs int64).
+    """
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor, got {ids.dtype}")
+    if ids.is_meta:
+        raise ValueError(f"{name} is a meta tensor (no data); pass real ids")
+    ids = ids.long()
     if ids.numel() == 0:
-        return
+        return ids
     lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one device sync for both bounds
     if lo < 0:
         raise ValueError(f"{name} contains {lo}, a negative value")
     if hi >= upper:
         raise ValueError(f"{name} contains {hi} but {what} is {upper}")
+    return ids
+
+
+def check_batch(cfg: EncoderConfig, batch: PackedBatch) -> PackedBatch:
+    """Validate a PackedBatch that did not come from ``prepare`` before any kernel indexes with it.
+
+    cu_seqlens must be a 1-D integer tensor starting at 0, non-decreasing and ending at total_tokens, and
+    max_seqlen at least the longest sequence (a kernel sized by a smaller one would leave rows unwritten); ids,
+    positions and token types must be in range and one per token. One host round trip for all of it (none when
+    the tensors are on the host, as the tokeniser builds them). Returns the batch with int64 ids, marked checked.
+    """
+    if batch.checked:
+        return batch
+    cu = batch.cu_seqlens
+    if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.numel() < 1:
+        raise ValueError(f"cu_seqlens must be a 1-D tensor of batch + 1 offsets, got {_describe(cu)}")
+    if cu.is_floating_point() or cu.is_complex() or cu.dtype == torch.bool:
+        raise TypeError(f"cu_seqlens must be an integer tensor, got {cu.dtype}")
+    if (batch.input_ids is None) == (batch.inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    if batch.inputs_embeds is not None:
+        embeds = batch.inputs_embeds
+        if embeds.dim() != 2 or embeds.shape[-1] != cfg.embedding_size:
+            raise ValueError(
+                f"packed inputs_embeds must be (total_tokens, {cfg.embedding_size}), got shape {tuple(embeds.shape)}"
+            )
+    elif batch.input_ids.dim() != 1:
+        raise ValueError(f"packed input_ids must be 1-D (total_tokens,), got shape {tuple(batch.input_ids.shape)}")
+    total = batch.total_tokens
+    max_seqlen = batch.max_seqlen
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
+    host = cu.detach().to("cpu", torch.int64)
+    lengths = host[1:] - host[:-1]
+    if int(host[0]) != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {int(host[0])}")
+    if lengths.numel() and int(lengths.min()) < 0:
+        i = int(torch.nonzero(lengths < 0)[0])
+        raise ValueError(f"cu_seqlens must be non-decreasing; it falls from {int(host[i])} to {int(host[i + 1])}")
+    if int(host[-1]) != total:
+        raise ValueError(f"cu_seqlens ends at {int(host[-1])} but the batch holds {total} tokens")
+    longest = int(lengths.max()) if lengths.numel() else 0
+    if max_seqlen < longest:
+        raise ValueError(f"max_seqlen is {max_seqlen} but the longest sequence in cu_seqlens has {longest} tokens")
+    if longest > cfg.max_sequence_length and batch.position_ids is None:
+        raise ValueError(
+            f"sequence length {longest} exceeds the model's maximum of {cfg.max_sequence_length} positions "
+            "(max_position_embeddings); truncate the input"
+        )
+    changes: dict = {"checked": True, "cu_seqlens": cu if cu.dtype == torch.int32 else cu.to(torch.int32)}
+    if batch.input_ids is not None:
+        changes["input_ids"] = check_ids("input_ids", batch.input_ids, cfg.vocab_size, "vocab_size")
+    for name, upper, what in (
+        ("position_ids", cfg.max_position_embeddings, "max_position_embeddings"),
+        ("token_type_ids", cfg.type_vocab_size, "type_vocab_size"),
+    ):
+        t = getattr(batch, name)
+        if t is None:
+            continue
+        if name == "token_type_ids" and cfg.type_vocab_size == 0:
+            raise ValueError(f"{cfg.model_type} has no token types; do not pass token_type_ids")
+        if not isinstance(t, Tensor) or t.dim() != 1 or t.shape[0] != total:
+            raise ValueError(f"packed {name} must be 1-D with one entry per token ({total}), got {_describe(t)}")
+        changes[name] = check_ids(name, t, upper, what)
+    return batch.replace(**changes)
+
+
+def _describe(t) -> str:
+    return f"shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
 
 
 def prepare(
@@ -211,7 +295,7 @@ def prepare(
             raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be 2-D (batch, seqlen), got shape {tuple(input_ids.shape)}")
-        check_ids("input_ids", input_ids, cfg.vocab_size, "vocab_size")
+        input_ids = check_ids("input_ids", input_ids, cfg.vocab_size, "vocab_size")
         batch, seqlen = input_ids.shape
         input_ids = input_ids.to(device)
     else:
@@ -228,12 +312,14 @@ def prepare(
     packing = padding.unpad(key_mask(attention_mask, batch, seqlen, device))
 
     if position_ids is not None:
-        position_ids = position_ids.to(device).expand(batch, seqlen) if position_ids.dim() <= 2 else position_ids
-        if tuple(position_ids.shape) != (batch, seqlen):
+        shape = tuple(position_ids.shape) if isinstance(position_ids, Tensor) else None
+        if shape not in ((seqlen,), (1, seqlen), (batch, seqlen)):
             raise ValueError(
-                f"position_ids has shape {tuple(position_ids.shape)} but input has shape {(batch, seqlen)}"
+                f"position_ids has shape {shape} but input has shape {(batch, seqlen)} (also accepted: (seqlen,) "
+                "or (1, seqlen), the same positions for every row)"
             )
-        check_ids("position_ids", position_ids, cfg.max_position_embeddings, "max_position_embeddings")
+        position_ids = check_ids("position_ids", position_ids, cfg.max_position_embeddings, "max_position_embeddings")
+        position_ids = position_ids.to(device).expand(batch, seqlen)
     elif cfg.family.positions_after_pad and input_ids is not None:
         # transformers: a cumulative count over non-pad ids, so pads (wherever they sit) keep pad_token_id.
         pad = cfg.pad_token_id
@@ -250,7 +336,7 @@ def prepare(
             raise ValueError(
                 f"token_type_ids has shape {tuple(token_type_ids.shape)} but input has shape {(batch, seqlen)}"
             )
-        check_ids("token_type_ids", token_type_ids, cfg.type_vocab_size, "type_vocab_size")
+        token_type_ids = check_ids("token_type_ids", token_type_ids, cfg.type_vocab_size, "type_vocab_size")
 
     def gather(t: Tensor | None) -> Tensor | None:
         return padding.gather(t.to(device).contiguous(), packing) if t is not None else None
@@ -265,6 +351,6 @@ def prepare(
             position_ids=gather(position_ids),
             token_type_ids=gather(token_type_ids),
             packing=packing,
+            checked=True,
         ),
     )
-

@@ -110,7 +110,15 @@ class Embeddings(nn.Module):
         else:
             norm = self.norm
             h = ops.embeddings(
-                batch.input_ids, pos, tt, self.word.weight, self.position.weight, type_w, norm.weight, norm.bias, norm.eps
+                batch.input_ids,
+                pos,
+                tt,
+                self.word.weight,
+                self.position.weight,
+                type_w,
+                norm.weight,
+                norm.bias,
+                norm.eps,
             )
         return self.project(h, ops) if self.project is not None else h
 
@@ -319,10 +327,12 @@ class AutoModel(nn.Module):
     def encode_batch(self, batch: PackedBatch, hidden_states: list[Tensor] | None = None) -> Tensor:
         """The packed last hidden state (total_tokens, hidden) of a PackedBatch.
 
-        Missing positions / token types get their defaults (``inputs.with_defaults``). If ``hidden_states`` is a
-        list, the embedding output and every layer's output are appended to it.
+        A batch not built by ``inputs.prepare`` is validated first (``inputs.check_batch``: offsets, lengths, id
+        ranges), so no kernel ever indexes with unchecked values. Missing positions / token types get their
+        defaults (``inputs.with_defaults``). If ``hidden_states`` is a list, the embedding output and every
+        layer's output are appended to it.
         """
-        batch = inputs.with_defaults(self.cfg, batch)
+        batch = inputs.with_defaults(self.cfg, inputs.check_batch(self.cfg, batch))
         ops = self.backend
         x = self.embeddings(batch, ops)  # (T, hidden)
         if hidden_states is not None:

@@ -38,7 +38,6 @@ def _shared_encoder(base: nn.Module, backend: str) -> AutoModel:
     """A fastbert AutoModel whose parameters are ``base``'s own Parameter objects."""
     hf_config = base.config
     cfg = EncoderConfig.from_hf(hf_config)
-    device = next(base.parameters()).device
     with torch.device("meta"):
         enc = AutoModel(hf_config, backend="torch", add_pooling_layer=getattr(base, "pooler", None) is not None)
     rules, _ = loading.rules_for(cfg, None)
