@@ -17,7 +17,6 @@ import argparse
 import datetime
 import os
 import sys
-import time
 
 import numpy as np
 import torch
@@ -25,6 +24,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from _results import save  # noqa: E402
 from encode import cosines, git_sha, machine, make_sentences, versions  # noqa: E402
+
+from fastbert.bench import measure  # noqa: E402
 
 
 def compare(vectors: np.ndarray, ref: np.ndarray) -> dict:
@@ -61,9 +62,7 @@ def main() -> int:
     texts = make_sentences(os.path.join(model_path, "vocab.txt"), args.n)
 
     def run(name: str, fn) -> np.ndarray:
-        start = time.perf_counter()
-        out = fn()
-        seconds = time.perf_counter() - start
+        out, seconds = measure.timed_call(fn)
         print(f"{name}: {seconds:.1f} s", flush=True)
         timings[name] = seconds
         return out

@@ -27,6 +27,8 @@ from typing import Any  # noqa: E402
 import pytest  # noqa: E402
 
 from fastbert import bench  # noqa: E402
+from fastbert.bench import env  # noqa: E402
+from fastbert.bench.measure import synchronize  # noqa: E402  (by name: a fixture below is called measure)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -109,7 +111,7 @@ def device() -> torch.device:
 
 @pytest.fixture(scope="session")
 def threads() -> int:
-    default = 1 if tiny() else len(os.sched_getaffinity(0))
+    default = 1 if tiny() else env.available_cpus()
     n = int(os.environ.get("FASTBERT_BENCH_THREADS", default))
     torch.set_num_threads(n)
     return n
@@ -117,9 +119,9 @@ def threads() -> int:
 
 @pytest.fixture(scope="session")
 def environment_info(device: torch.device, threads: int) -> dict[str, Any]:
-    env = bench.environment(device, threads)
-    env["tiny"] = tiny()
-    return env
+    info = env.environment(device, threads)
+    info["tiny"] = tiny()
+    return info
 
 
 @pytest.fixture(scope="session")
@@ -157,7 +159,7 @@ def measure(benchmark: Any, device: torch.device, environment_info: dict[str, An
     ) -> Any:
         def target() -> Any:
             out = fn()
-            bench.synchronize(device)
+            synchronize(device)
             return out
 
         benchmark.group = group

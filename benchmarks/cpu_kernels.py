@@ -19,24 +19,13 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-
-def _time(fn: Callable[[], object], min_seconds: float = 0.05) -> float:
-    """Seconds per call: repeat fn until min_seconds have passed (at least once)."""
-    n, start = 0, time.perf_counter()
-    while True:
-        fn()
-        n += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_seconds:
-            return elapsed / n
+from fastbert.bench import env, measure
 
 
 def gemm_cases(dtypes: list[torch.dtype]) -> list[tuple[str, int, Callable[[], object]]]:
@@ -102,7 +91,7 @@ def main() -> int:
         for r in range(args.rounds):
             order = cases[r % len(cases) :] + cases[: r % len(cases)]
             for name, _, fn in order:
-                times[name].append(_time(fn))
+                times[name].append(measure.timed(fn, min_seconds=0.05))  # repeated until 50 ms passed
     rows = []
     for name, flops, _ in cases:
         ts = sorted(times[name])
@@ -110,16 +99,8 @@ def main() -> int:
         rows.append({"case": name, "flops": flops, "ms_median": median * 1e3, "gflops": flops / median / 1e9})
         print(f"{name:<75} {median * 1e3:9.3f} ms {flops / median / 1e9:7.1f} GFLOP/s", flush=True)
 
-    try:
-        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        sha = "unknown"
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    sha = env.git_sha(short=True) or "unknown"
+    cpu = env.cpu_name() or platform.processor()
     from fastbert import _cpp
 
     result = {
@@ -134,7 +115,7 @@ def main() -> int:
         "kernel_table": _cpp.isa(),
         "torch": torch.__version__,
         "rounds": args.rounds,
-        "loadavg_after": os.getloadavg(),
+        "loadavg_after": env.load_averages(),
         "rows": rows,
     }
     if not args.no_write:

@@ -23,13 +23,13 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 
 import torch
 from _results import save
 
 from fastbert import bench
+from fastbert.bench import env, measure
 
 CATEGORIES = [
     ("gemm", "GEMMs (oneDNN, fused bias/activation)"),
@@ -54,21 +54,6 @@ def category(op: str) -> str:
     if op.startswith("fastbert::"):
         return "other_fastbert"
     return "aten"
-
-
-def timed(fn: Callable[[], object], calls: int) -> float:
-    """Seconds per call over ``calls`` back-to-back calls."""
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls
-
-
-def calls_for(fn: Callable[[], object], seconds: float) -> int:
-    """How many calls of fn take about ``seconds`` (at least one)."""
-    start = time.perf_counter()
-    fn()
-    return max(1, int(seconds / max(time.perf_counter() - start, 1e-6)))
 
 
 def gemm_case(hidden: int, intermediate: int) -> tuple[Callable[[], object], int]:
@@ -96,10 +81,10 @@ def profile_cell(
     gemm, gemm_flops_1024 = gemm_case(model.hidden, model.intermediate)
     with torch.inference_mode():
         gemm()
-        gemm_calls = calls_for(gemm, 0.2)
+        gemm_calls = measure.calls_for(gemm, 0.2)
     for _ in range(2):
         run()
-    calls = calls_for(run, seconds / 2)
+    calls = measure.calls_for(run, seconds / 2)
     gemm_flops = 2 * model.layers * sum(lengths) * (4 * model.hidden**2 + 2 * model.hidden * model.intermediate)
     gemm_flops += 2 * len(lengths) * model.hidden**2  # pooler
     attn_flops = 4 * model.layers * model.hidden * sum(s * s for s in lengths)
@@ -107,10 +92,10 @@ def profile_cell(
     walls, ceilings, fractions, profiled_total = [], [], [], 0.0
     for _ in range(rounds):
         with torch.inference_mode():
-            ceiling = gemm_flops_1024 / timed(gemm, gemm_calls) / 1e9
-        wall = timed(run, calls)
+            ceiling = gemm_flops_1024 / measure.timed(gemm, gemm_calls) / 1e9
+        wall = measure.timed(run, calls)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            profiled = timed(run, calls)
+            profiled = measure.timed(run, calls)
         for evt in prof.key_averages():
             ms[category(evt.key)] += evt.self_cpu_time_total / 1e3 / calls
         profiled_total += profiled * 1e3
@@ -172,11 +157,11 @@ def main() -> int:
                     flush=True,
                 )
             system.release()
-    env = bench.environment(torch.device("cpu"), args.threads)
+    environment = env.environment(torch.device("cpu"), args.threads)
     result = {
         "command": "python benchmarks/cpu_profile.py " + " ".join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "environment": env,
+        "environment": environment,
         "ceilings_gflops": ceilings,
         "cells": cells,
     }
@@ -186,15 +171,15 @@ def main() -> int:
 
 
 def write_markdown(path: str, r: dict) -> None:
-    env = r["environment"]
+    info = r["environment"]
     head = ["model", "size", "ms", *[label for _, label in CATEGORIES], "GEMM GFLOP/s", "attention GFLOP/s"]
     lines = [
         "# Where fastbert's CPU time goes (cpp backend, fp32)",
         "",
-        f"`{r['command'].strip()}`, {r['date']}, commit {env['git_sha']}"
-        + (" (uncommitted changes)" if env["git_dirty"] else "")
-        + f". {env['device_name']}, {env['cpu_count']} CPUs, {env['threads']} threads; torch "
-        + f"{env['versions']['torch']}.",
+        f"`{r['command'].strip()}`, {r['date']}, commit {info['git_sha']}"
+        + (" (uncommitted changes)" if info["git_dirty"] else "")
+        + f". {info['device_name']}, {info['cpu_count']} CPUs, {info['threads']} threads; torch "
+        + f"{info['versions']['torch']}.",
         "",
         f"Each cell runs {r['cells'][0]['rounds'] if r['cells'] else '?'} rounds of: the GEMM ceiling (fastbert's "
         "oneDNN linear at 1024 tokens on the model's feed-forward shape, weights hot), the forward without the "

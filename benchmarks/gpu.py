@@ -26,13 +26,9 @@ import argparse
 import datetime as _dt
 import functools
 import importlib
-import importlib.util
 import json
 import math
 import os
-import platform
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +36,12 @@ import traceback
 from pathlib import Path
 
 import torch
+
+INSTALL_HINT = "from the repository root: pip install --no-build-isolation -e ."
+try:
+    from fastbert.bench import env, measure
+except ImportError as exc:  # fastbert is always pip-installed (editable or wheel); this script does not patch paths
+    sys.exit(f"benchmarks/gpu.py: cannot import fastbert ({exc}); install it {INSTALL_HINT}")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(1, 128), (8, 128), (32, 128), (32, 512), "varlen"]
@@ -55,24 +57,6 @@ TARGETS = {
 
 # ------------------------------------------------------------------------------------------------------------
 # plumbing
-
-
-def ensure_fastbert_kernels() -> str:
-    """Import fastbert.kernels; from a source checkout that was not pip-installed, load kernels/ under that name
-    (what setup.py's package_dir mapping does). Returns how it was found."""
-    sys.path.insert(0, str(ROOT))
-    try:
-        importlib.import_module("fastbert.kernels")
-        return "installed"
-    except ModuleNotFoundError:
-        spec = importlib.util.spec_from_file_location(
-            "fastbert.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["fastbert.kernels"] = module
-        spec.loader.exec_module(module)
-        importlib.import_module("fastbert").kernels = module
-        return f"loaded from {ROOT / 'kernels'} (fastbert not pip-installed)"
 
 
 class Budget:
@@ -112,46 +96,16 @@ class Report:
         self.md_path.write_text(markdown(self.data))
 
 
-def cuda_time_ms(fn, warmup: int, iters: int, repeats: int = 5) -> float:
-    """Median over ``repeats`` of the mean time of ``iters`` back-to-back calls, with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    return statistics.median(times)
-
-
-def iters_for(fn, target_ms: float = 200.0) -> int:
-    """Calls per repeat so that one repeat takes about target_ms (at least 3)."""
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    one = (time.perf_counter() - t) * 1e3
-    return max(3, min(200, int(target_ms / max(one, 1e-3))))
+def iters_for(fn) -> int:
+    """Calls per repeat so that one repeat takes about 200 ms (3 to 200)."""
+    return measure.calls_for(fn, 0.2, device=torch.device("cuda"), least=3, most=200)
 
 
 def versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    out = {"python": env.host()["python"], "torch": torch.__version__, "cuda": torch.version.cuda}
     for name in ("triton", "transformers"):
-        try:
-            out[name] = importlib.import_module(name).__version__
-        except Exception as exc:
-            out[name] = f"unavailable ({exc})"
-    try:
-        out["git_sha"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-    except Exception:
-        out["git_sha"] = "unknown"
+        out[name] = env.version(name) or "unavailable (not installed)"
+    out["git_sha"] = env.git_sha() or "unknown"
     return out
 
 
@@ -194,7 +148,7 @@ def measure_peak(report: Report, n: int = 8192) -> None:
     for dtype in (torch.bfloat16, torch.float16):
         a = torch.randn(n, n, device="cuda", dtype=dtype)
         b = torch.randn(n, n, device="cuda", dtype=dtype)
-        ms = cuda_time_ms(lambda a=a, b=b: a @ b, warmup=5, iters=20)
+        ms = measure.cuda_event_ms(lambda a=a, b=b: a @ b, warmup=5, iters=20)
         tflops = 2 * n**3 / (ms * 1e-3) / 1e12
         print(f"peak {dtype}: {tflops:.1f} TFLOP/s ({n}^3 matmul, {ms:.3f} ms)")
         report.add("peak", {str(dtype).replace("torch.", ""): {"tflops": tflops, "n": n, "ms": ms}})
@@ -269,14 +223,14 @@ def measure_attention(report: Report, K, budget: Budget) -> None:
                 qkv = torch.randn(total, 3 * heads * d, device="cuda", dtype=dtype)
                 flops = sum(4 * n * n * heads * d for n in lengths)
                 fn = functools.partial(K.attention, qkv, cu, max(lengths), heads, d**-0.5)
-                ms = cuda_time_ms(fn, warmup=10, iters=iters_for(fn))
+                ms = measure.cuda_event_ms(fn, warmup=10, iters=iters_for(fn))
                 row = {"dtype": str(dtype), "shape": shape_name(shape), "head_dim": d, "fastbert_ms": ms}
                 row["fastbert_tflops"] = flops / (ms * 1e-3) / 1e12
                 if shape != "varlen":  # dense sdpa (flash backend when available) on the same problem
                     b, s = shape
                     q, k, v = (torch.randn(b, heads, s, d, device="cuda", dtype=dtype) for _ in range(3))
                     sd = lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
-                    row["sdpa_ms"] = cuda_time_ms(sd, warmup=10, iters=iters_for(sd))
+                    row["sdpa_ms"] = measure.cuda_event_ms(sd, warmup=10, iters=iters_for(sd))
                     row["sdpa_tflops"] = flops / (row["sdpa_ms"] * 1e-3) / 1e12
                 print("attention", row)
                 report.add("attention", row)
@@ -332,7 +286,7 @@ def time_system(name: str, model, shape, warmup: int) -> float:
             with torch.inference_mode():
                 return model(input_ids=ids, attention_mask=mask)
 
-    return cuda_time_ms(fn, warmup=warmup, iters=iters_for(fn))
+    return measure.cuda_event_ms(fn, warmup=warmup, iters=iters_for(fn))
 
 
 def measure_models(report: Report, path: str, dtypes, budget: Budget, fastbert, with_compile: bool) -> None:
@@ -395,9 +349,9 @@ def measure_models(report: Report, path: str, dtypes, budget: Budget, fastbert, 
                 continue
             shape = next(s for s in SHAPES if shape_name(s) == row["shape"])
             try:
-                t = time.perf_counter()
-                row["hf-sdpa-compile_ms"] = time_system("compile", compiled, shape, warmup=3)
-                row["compile_setup_s"] = round(time.perf_counter() - t, 1)
+                timing = functools.partial(time_system, "compile", compiled, shape, warmup=3)
+                row["hf-sdpa-compile_ms"], seconds = measure.timed_call(timing)  # seconds: compile included
+                row["compile_setup_s"] = round(seconds, 1)
                 print("compile", row["shape"], dtype, row["hf-sdpa-compile_ms"])
             except Exception as exc:
                 report.error(f"torch.compile {row['shape']} {dtype}", exc)
@@ -531,13 +485,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     budget = Budget(args.budget)
-    kernels_from = ensure_fastbert_kernels()
+    try:
+        import fastbert.kernels as K
+    except ImportError as exc:
+        print(f"cannot import fastbert.kernels ({exc}): install fastbert {INSTALL_HINT}", file=sys.stderr)
+        return 2
     import transformers
 
     import fastbert
     from fastbert import reference as R
 
-    K = importlib.import_module("fastbert.kernels")
     if getattr(K, "UNAVAILABLE_REASON", None):
         print(f"triton backend unavailable: {K.UNAVAILABLE_REASON}", file=sys.stderr)
         return 3
@@ -546,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         "capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
         "versions": versions(),
         "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.gpu", *sys.argv[1:]]),
-        "kernels_from": kernels_from,
+        "kernels_from": K.__file__,
         "started": _dt.datetime.now().isoformat(timespec="seconds"),
         "flop_model": "12 x sum_seq L (24 H^2 + 4 L H), H=768, real tokens only",
     }

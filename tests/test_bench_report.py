@@ -96,7 +96,7 @@ def test_throughput_and_speedups(report: dict) -> None:
 
 
 def test_json_markdown_plot(report: dict, tmp_path) -> None:
-    text = json.dumps(bench._jsonable(report), allow_nan=False)  # strict JSON: NaN becomes null
+    text = json.dumps(bench.jsonable(report), allow_nan=False)  # strict JSON: NaN becomes null
     loaded = json.loads(text)
     assert loaded["schema"] == bench.SCHEMA
     assert len(loaded["results"]) == len(report["results"])
@@ -147,8 +147,8 @@ def test_a_failing_system_is_reported_not_fatal(monkeypatch, tmp_path) -> None:
         def run(self, input_ids, attention_mask):
             raise RuntimeError("kernel exploded at token 3")
 
-    real = bench.make_system
-    monkeypatch.setattr(bench, "make_system", lambda name: Broken("eager") if name == "hf-sdpa" else real(name))
+    real = bench.make_system  # run_report looks it up in fastbert.bench.report
+    monkeypatch.setattr(bench.report, "make_system", lambda name: Broken("eager") if name == "hf-sdpa" else real(name))
     report = bench.run_report(["tiny"], TINY_SIZES[:1], ["hf-eager", "hf-sdpa"], ["fp32"], torch.device("cpu"),
                               threads=1, rounds=1, warmup=0, progress=False, workdir=str(tmp_path))  # fmt: skip
     rows = {r["system"]: r for r in report["results"]}

@@ -1,0 +1,219 @@
+"""The systems the report compares: one way of running an encoder each (fastbert on one backend, transformers
+eager or sdpa, ``torch.compile`` of the sdpa model, ONNX Runtime, OpenVINO), and the names that pick them."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .models import BenchModel
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class System:
+    """One way of running an encoder. ``run`` maps padded (ids, mask) to the padded last hidden state."""
+
+    name: str = "?"
+
+    def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        """Why this system cannot run here (None when it can); checked before ``prepare``."""
+        return None
+
+    def prepare(self, model: BenchModel, dtype: torch.dtype, device: torch.device, threads: int, workdir: str) -> None:
+        raise NotImplementedError
+
+    def run(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Drop the loaded model (systems are prepared once per model and dtype)."""
+        self.__dict__.pop("model", None)
+
+
+class FastbertSystem(System):
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.name = f"fastbert-{backend}"
+
+    def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        try:
+            import fastbert.modeling  # noqa: F401
+            from fastbert import ops
+        except Exception as exc:
+            return f"fastbert.modeling failed to import: {type(exc).__name__}: {exc}"
+        return ops.unavailable_reason(self.backend, device)
+
+    def prepare(self, model: BenchModel, dtype: torch.dtype, device: torch.device, threads: int, workdir: str) -> None:
+        import fastbert
+
+        self.model = fastbert.AutoModel.from_pretrained(model.path, device=device, dtype=dtype, backend=self.backend)
+        self.model.eval()
+        actual = self.model.backend.name
+        if actual != self.backend:
+            raise RuntimeError(f"asked for backend {self.backend!r} but the model runs {actual!r}")
+
+    def run(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        with torch.inference_mode():
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+class TransformersSystem(System):
+    """transformers ``AutoModel`` with an attention implementation, optionally under ``torch.compile``."""
+
+    def __init__(self, attn: str, compile: bool = False):
+        self.attn = attn
+        self.compile = compile
+        self.name = f"compile-{attn}" if compile else f"hf-{attn}"
+
+    def prepare(self, model: BenchModel, dtype: torch.dtype, device: torch.device, threads: int, workdir: str) -> None:
+        from transformers import AutoModel
+
+        hf = AutoModel.from_pretrained(model.path, dtype=dtype, attn_implementation=self.attn).to(device).eval()
+        self.model = torch.compile(hf) if self.compile else hf
+
+    def run(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        with torch.inference_mode():
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+class _LastHiddenState(torch.nn.Module):
+    """(input_ids, attention_mask) -> last_hidden_state, the two-input graph the ONNX systems run."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def export_onnx(model: BenchModel, workdir: str) -> str:
+    """Export transformers eager fp32 to ONNX once per model (TorchScript exporter, opset 17, dynamic axes)."""
+    path = Path(workdir) / "onnx" / model.label / "model.onnx"
+    if path.exists():
+        return str(path)
+    from transformers import AutoModel
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # eval() on the wrapper too: a fresh Module is in training mode and the exporter would trace dropout.
+    wrapper = _LastHiddenState(AutoModel.from_pretrained(model.path, attn_implementation="eager")).eval()
+    ids = torch.full((2, 8), min(1000, model.vocab - 1), dtype=torch.long)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    axes = {0: "batch", 1: "sequence"}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings about Python control flow on shapes
+        torch.onnx.export(
+            wrapper,
+            (ids, mask),
+            str(path),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["last_hidden_state"],
+            dynamic_axes={"input_ids": axes, "attention_mask": axes, "last_hidden_state": axes},
+            opset_version=17,
+            dynamo=False,
+        )
+    return str(path)
+
+
+class OnnxRuntimeSystem(System):
+    name = "onnxruntime"
+
+    def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        if device.type != "cpu":
+            return "benchmarked on CPU only"
+        if dtype != torch.float32:
+            return "runs the fp32 export only"
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError as exc:
+            return f"not installed ({exc.name}); pip install 'fastbert[bench]'"
+        return None
+
+    def prepare(self, model: BenchModel, dtype: torch.dtype, device: torch.device, threads: int, workdir: str) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # Spinning worker threads would keep burning the cores into the next system's interleaved call.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.model = ort.InferenceSession(export_onnx(model, workdir), options, providers=["CPUExecutionProvider"])
+
+    def run(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        feed = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
+        return torch.from_numpy(self.model.run(["last_hidden_state"], feed)[0])
+
+
+class OpenVinoSystem(System):
+    name = "openvino"
+    _HINTS = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+    def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        if device.type != "cpu":
+            return "benchmarked on CPU only"
+        if dtype not in self._HINTS:
+            return f"no {dtype} inference precision on CPU here (fp32 and bf16 only)"
+        try:
+            import onnx  # noqa: F401
+            import openvino  # noqa: F401
+        except ImportError as exc:
+            return f"not installed ({exc.name}); pip install 'fastbert[bench]'"
+        return None
+
+    def prepare(self, model: BenchModel, dtype: torch.dtype, device: torch.device, threads: int, workdir: str) -> None:
+        import openvino
+
+        config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": self._HINTS[dtype]}
+        compiled = openvino.Core().compile_model(export_onnx(model, workdir), "CPU", config)
+        self.model = compiled.create_infer_request()
+        self.output = compiled.output(0)
+
+    def run(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        result = self.model.infer({"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()})
+        return torch.from_numpy(result[self.output].copy())  # the request reuses its output buffer
+
+
+BASELINES = ("hf-eager", "hf-sdpa", "compile-sdpa", "onnxruntime", "openvino")
+FASTBERT_BACKENDS = ("torch", "cpp", "triton")
+ALL_SYSTEM_NAMES = tuple(f"fastbert-{b}" for b in FASTBERT_BACKENDS) + BASELINES
+
+
+def make_system(name: str) -> System:
+    if name.startswith("fastbert-") and name[len("fastbert-") :] in FASTBERT_BACKENDS:
+        return FastbertSystem(name[len("fastbert-") :])
+    factories: dict[str, Callable[[], System]] = {
+        "hf-eager": lambda: TransformersSystem("eager"),
+        "hf-sdpa": lambda: TransformersSystem("sdpa"),
+        "compile-sdpa": lambda: TransformersSystem("sdpa", compile=True),
+        "onnxruntime": OnnxRuntimeSystem,
+        "openvino": OpenVinoSystem,
+    }
+    if name not in factories:
+        choices = ", ".join(("fastbert", "all", *ALL_SYSTEM_NAMES))
+        raise ValueError(f"unknown system {name!r}; choose from {choices}")
+    return factories[name]()
+
+
+def expand_systems(names: Iterable[str], device: torch.device) -> tuple[list[str], list[tuple[str, str]]]:
+    """Expand ``fastbert`` / ``all`` aliases. Returns (system names, [(name, why not run)])."""
+    out: list[str] = []
+    notes: list[tuple[str, str]] = []
+    for name in names:
+        if name in ("fastbert", "all"):
+            for backend in FASTBERT_BACKENDS:
+                if backend == "triton" and device.type == "cpu":
+                    notes.append((f"fastbert-{backend}", "not timed on CPU: the Triton interpreter is for correctness"))
+                else:
+                    out.append(f"fastbert-{backend}")
+            if name == "all":
+                out.extend(BASELINES)
+        else:
+            make_system(name)  # validates the name
+            out.append(name)
+    return list(dict.fromkeys(out)), notes
