@@ -1,18 +1,160 @@
-"""One dataclass for every supported family, read from a transformers config (config.json)."""
+"""One dataclass for every supported family, read from a transformers config (config.json), and one table of
+family facts (``FAMILIES``) that loading, the model, the heads, the text encoders and the benchmarks read
+instead of branching on ``model_type``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-#: model_type -> the base-model attribute/weight prefix transformers uses for that family.
-FAMILIES = {
-    "bert": "bert",
-    "roberta": "roberta",
-    "xlm-roberta": "roberta",
-    "distilbert": "distilbert",
-    "electra": "electra",
+# ----------------------------------------------------------------------------------------------------------
+# The family table
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClassifierLayout:
+    """The sequence-classification head: the pooler (BERT) or ``dense -> act`` on the first token, then out_proj."""
+
+    uses_pooler: bool
+    act: str | None = None  # the dense layer's activation (None when the pooler is used)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between the BERT-family architectures, in one place.
+
+    prefix: the base-model attribute and weight prefix transformers uses (``bert.``, ``roberta.``, ...).
+    base_names / head_names: keys of the name tables in ``fastbert.loading`` (HF name <-> fastbert name).
+    config_fields: fastbert field -> the HF config attribute holding it (DistilBERT names them differently).
+    positions_after_pad: RoBERTa/XLM-R number positions from ``pad_token_id + 1``, pads keep ``pad_token_id``.
+    token_types / pooler: whether the family has a token-type table / a pooler.
+    base_output: the transformers output class of the base model's forward.
+    classifier: the sequence-classification head layout. mlm_act: the masked-LM transform's activation
+    (None = the config's hidden activation); mlm_width_is_embedding: ELECTRA's generator head maps to
+    ``embedding_size``.
+    """
+
+    prefix: str
+    base_names: str
+    head_names: str
+    positions_after_pad: bool
+    token_types: bool
+    pooler: bool
+    base_output: str
+    classifier: ClassifierLayout
+    mlm_act: str | None = None
+    mlm_width_is_embedding: bool = False
+    config_fields: Mapping[str, str] = field(default_factory=dict)
+
+    def max_sequence_length(self, max_position_embeddings: int, pad_token_id: int | None) -> int:
+        """Longest sequence the position table allows (RoBERTa reserves ``pad_token_id + 1`` rows)."""
+        if self.positions_after_pad:
+            return int(max_position_embeddings) - int(0 if pad_token_id is None else pad_token_id) - 1
+        return int(max_position_embeddings)
+
+
+_BERT_FIELDS = {
+    "hidden_size": "hidden_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "intermediate_size": "intermediate_size",
+    "activation": "hidden_act",
+    "layer_norm_eps": "layer_norm_eps",
+    "type_vocab_size": "type_vocab_size",
 }
+_ROBERTA = Family(
+    prefix="roberta",
+    base_names="bert",
+    head_names="roberta",
+    positions_after_pad=True,
+    token_types=True,
+    pooler=True,
+    base_output="BaseModelOutputWithPoolingAndCrossAttentions",
+    classifier=ClassifierLayout(uses_pooler=False, act="tanh"),
+    mlm_act="gelu",
+    config_fields=_BERT_FIELDS,
+)
+
+#: model_type -> its family facts. Anything not listed here is refused with UnsupportedModelError.
+FAMILIES: dict[str, Family] = {
+    "bert": Family(
+        prefix="bert",
+        base_names="bert",
+        head_names="bert",
+        positions_after_pad=False,
+        token_types=True,
+        pooler=True,
+        base_output="BaseModelOutputWithPoolingAndCrossAttentions",
+        classifier=ClassifierLayout(uses_pooler=True),
+        config_fields=_BERT_FIELDS,
+    ),
+    "roberta": _ROBERTA,
+    "xlm-roberta": _ROBERTA,
+    "distilbert": Family(
+        prefix="distilbert",
+        base_names="distilbert",
+        head_names="distilbert",
+        positions_after_pad=False,
+        token_types=False,
+        pooler=False,
+        base_output="BaseModelOutput",
+        classifier=ClassifierLayout(uses_pooler=False, act="relu"),
+        # DistilBERT hard-codes LayerNorm eps 1e-12 and has no token types: no config field for either.
+        config_fields={
+            "hidden_size": "dim",
+            "num_layers": "n_layers",
+            "num_heads": "n_heads",
+            "intermediate_size": "hidden_dim",
+            "activation": "activation",
+        },
+    ),
+    "electra": Family(
+        prefix="electra",
+        base_names="bert",
+        head_names="electra",
+        positions_after_pad=False,
+        token_types=True,
+        pooler=False,
+        base_output="BaseModelOutputWithPastAndCrossAttentions",  # what ElectraModel returns
+        classifier=ClassifierLayout(uses_pooler=False, act="gelu"),
+        mlm_act="gelu",
+        mlm_width_is_embedding=True,
+        config_fields=_BERT_FIELDS,
+    ),
+}
+
+_FIELD_DEFAULTS = {"layer_norm_eps": 1e-12, "type_vocab_size": 0}
+
+
+def family_of(model_type: Any) -> Family:
+    """The family facts of ``model_type``; UnsupportedModelError naming the supported ones otherwise."""
+    family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
+    if family is None:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported; fastbert runs: {', '.join(FAMILIES)} "
+            "(BERT-based sentence encoders such as MiniLM, BGE, E5, GTE load as 'bert')"
+        )
+    return family
+
+
+def sequence_length_limit(config: Mapping[str, Any] | Any) -> int | None:
+    """Longest sequence a model allows, from a config dict or a transformers config; None when unknown.
+
+    The one copy of the rule (text encoders and benchmarks call it): the position table's size, less
+    ``pad_token_id + 1`` rows for RoBERTa-style positions.
+    """
+
+    def get(key: str) -> Any:
+        return config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+
+    family = FAMILIES.get(get("model_type"))
+    max_pos = get("max_position_embeddings")
+    if family is None or not isinstance(max_pos, int) or max_pos <= 0:
+        return None
+    return family.max_sequence_length(max_pos, get("pad_token_id"))
+
 
 #: HF hidden_act -> fastbert activation name (see reference.ACTIVATIONS).
 ACTIVATION_NAMES = {
@@ -30,13 +172,18 @@ class UnsupportedModelError(ValueError):
     """The checkpoint's architecture is outside what fastbert runs; the message lists what is supported."""
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The config
+# ----------------------------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
     """Shape and behaviour of a BERT-family encoder, independent of the family's naming.
 
-    ``position_offset``: RoBERTa/XLM-R number positions from ``pad_token_id + 1`` and give pads the position
-    ``pad_token_id``; the other families start at 0. ``type_vocab_size`` is 0 for DistilBERT (no token types).
-    ``embedding_size`` differs from ``hidden_size`` only for ELECTRA (then a projection follows the embeddings).
+    ``type_vocab_size`` is 0 for DistilBERT (no token types). ``embedding_size`` differs from ``hidden_size``
+    only for ELECTRA (then a projection follows the embeddings). Family facts (position numbering, pooler,
+    output classes, head layouts) are in ``self.family``.
     """
 
     model_type: str
@@ -51,9 +198,11 @@ class EncoderConfig:
     layer_norm_eps: float
     pad_token_id: int
     embedding_size: int
-    roberta_positions: bool
-    has_pooler: bool
     initializer_range: float = 0.02
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.model_type]
 
     @property
     def head_dim(self) -> int:
@@ -61,24 +210,27 @@ class EncoderConfig:
 
     @property
     def prefix(self) -> str:
-        return FAMILIES[self.model_type]
+        return self.family.prefix
+
+    @property
+    def roberta_positions(self) -> bool:
+        """Positions count from ``pad_token_id + 1`` and skip pads (RoBERTa, XLM-R)."""
+        return self.family.positions_after_pad
+
+    @property
+    def has_pooler(self) -> bool:
+        return self.family.pooler
 
     @property
     def max_sequence_length(self) -> int:
         """Longest sequence the position table allows (RoBERTa reserves pad_token_id + 1 rows)."""
-        if self.roberta_positions:
-            return self.max_position_embeddings - self.pad_token_id - 1
-        return self.max_position_embeddings
+        return self.family.max_sequence_length(self.max_position_embeddings, self.pad_token_id)
 
     @classmethod
     def from_hf(cls, hf: Any) -> EncoderConfig:
         """Read a transformers ``PretrainedConfig``; raise UnsupportedModelError for anything fastbert can't run."""
         model_type = getattr(hf, "model_type", None)
-        if model_type not in FAMILIES:
-            raise UnsupportedModelError(
-                f"model_type {model_type!r} is not supported; fastbert runs: {', '.join(FAMILIES)} "
-                "(BERT-based sentence encoders such as MiniLM, BGE, E5, GTE load as 'bert')"
-            )
+        family = family_of(model_type)
         pos_type = getattr(hf, "position_embedding_type", None) or "absolute"
         if pos_type != "absolute":
             raise UnsupportedModelError(
@@ -89,20 +241,17 @@ class EncoderConfig:
             raise UnsupportedModelError(
                 "decoder / cross-attention configurations are not supported: fastbert runs encoders"
             )
-
-        if model_type == "distilbert":
-            hidden, heads, layers = hf.dim, hf.n_heads, hf.n_layers
-            inter, act_name, eps = hf.hidden_dim, hf.activation, 1e-12  # DistilBERT hard-codes eps 1e-12
-            type_vocab, embedding_size = 0, hf.dim
-        else:
-            hidden, heads, layers = hf.hidden_size, hf.num_attention_heads, hf.num_hidden_layers
-            inter, act_name, eps = hf.intermediate_size, hf.hidden_act, hf.layer_norm_eps
-            type_vocab = hf.type_vocab_size
-            embedding_size = getattr(hf, "embedding_size", None) or hidden
+        values = {
+            ours: getattr(hf, theirs) for ours, theirs in family.config_fields.items() if hasattr(hf, theirs)
+        }
+        for name, default in _FIELD_DEFAULTS.items():
+            values.setdefault(name, default)
+        act_name = values["activation"]
         if not isinstance(act_name, str) or act_name not in ACTIVATION_NAMES:
             raise UnsupportedModelError(
                 f"activation {act_name!r} is not supported; fastbert supports: {', '.join(ACTIVATION_NAMES)}"
             )
+        hidden, heads = values["hidden_size"], values["num_heads"]
         if hidden % heads != 0:
             raise UnsupportedModelError(f"hidden size {hidden} is not a multiple of the number of heads {heads}")
         pad = getattr(hf, "pad_token_id", None)
@@ -110,16 +259,14 @@ class EncoderConfig:
             model_type=model_type,
             vocab_size=hf.vocab_size,
             hidden_size=hidden,
-            num_layers=layers,
+            num_layers=values["num_layers"],
             num_heads=heads,
-            intermediate_size=inter,
+            intermediate_size=values["intermediate_size"],
             activation=ACTIVATION_NAMES[act_name],
             max_position_embeddings=hf.max_position_embeddings,
-            type_vocab_size=type_vocab,
-            layer_norm_eps=float(eps),
+            type_vocab_size=values["type_vocab_size"] if family.token_types else 0,
+            layer_norm_eps=float(values["layer_norm_eps"]),
             pad_token_id=0 if pad is None else int(pad),
-            embedding_size=embedding_size,
-            roberta_positions=model_type in ("roberta", "xlm-roberta"),
-            has_pooler=model_type in ("bert", "roberta", "xlm-roberta"),
+            embedding_size=getattr(hf, "embedding_size", None) or hidden,  # ELECTRA only; absent elsewhere
             initializer_range=float(getattr(hf, "initializer_range", 0.02) or 0.02),
         )

@@ -64,7 +64,10 @@ _DISTILBERT_BASE = [
     ("transformer.layer.{n}.output_layer_norm.{p}", "layers.{n}.ffn_norm.{p}"),
 ]
 
-# Head tables, keyed by (family kind, task). Names are top-level (no prefix) in HF checkpoints.
+#: Base tables, keyed by ``Family.base_names``.
+_BASES = {"bert": _BERT_BASE, "distilbert": _DISTILBERT_BASE}
+
+# Head tables, keyed by (``Family.head_names``, task). Names are top-level (no prefix) in HF checkpoints.
 _CLS_HEAD = [("classifier.dense.{p}", "head.dense.{p}"), ("classifier.out_proj.{p}", "head.out_proj.{p}")]
 _HEADS = {
     ("bert", "sequence-classification"): [("classifier.{p}", "head.out_proj.{p}")],
@@ -106,11 +109,6 @@ for _kind in ("bert", "roberta", "electra", "distilbert"):
     _HEADS[(_kind, "question-answering")] = [("qa_outputs.{p}", "head.out_proj.{p}")]
 
 
-def family_kind(model_type: str) -> str:
-    """The naming family: xlm-roberta uses RoBERTa's names."""
-    return "roberta" if model_type == "xlm-roberta" else model_type
-
-
 def _compile(table: list[tuple[str, str]]) -> list[tuple[re.Pattern, str, re.Pattern, str]]:
     def to_regex(pattern: str) -> re.Pattern:
         rx = re.escape(pattern).replace(r"\{n\}", r"(?P<n>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
@@ -120,10 +118,9 @@ def _compile(table: list[tuple[str, str]]) -> list[tuple[re.Pattern, str, re.Pat
 
 
 def rules_for(config: EncoderConfig, task: str | None):
-    kind = family_kind(config.model_type)
-    base = _DISTILBERT_BASE if kind == "distilbert" else _BERT_BASE
-    head = _HEADS.get((kind, task), []) if task else []
-    return _compile(base), _compile(head)
+    family = config.family
+    head = _HEADS.get((family.head_names, task), []) if task else []
+    return _compile(_BASES[family.base_names]), _compile(head)
 
 
 def rename(rules, name: str, forward: bool) -> str | None:
