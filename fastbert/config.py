@@ -4,6 +4,8 @@ instead of branching on ``model_type``."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,11 +123,39 @@ FAMILIES: dict[str, Family] = {
         classifier=ClassifierLayout(uses_pooler=False, act="gelu"),
         mlm_act="gelu",
         mlm_width_is_embedding=True,
-        config_fields=_BERT_FIELDS,
+        config_fields={**_BERT_FIELDS, "embedding_size": "embedding_size"},
     ),
 }
 
 _FIELD_DEFAULTS = {"layer_norm_eps": 1e-12, "type_vocab_size": 0}
+
+#: fastbert size field -> the least value it may take (type_vocab_size is 0 when a family has no token types).
+_SIZE_MINIMUM = {
+    "vocab_size": 1,
+    "hidden_size": 1,
+    "num_layers": 1,
+    "num_heads": 1,
+    "intermediate_size": 1,
+    "max_position_embeddings": 1,
+    "type_vocab_size": 0,
+    "embedding_size": 1,
+}
+
+
+def _integer(name: str, value: Any, minimum: int | None) -> int:
+    """``value`` as an int (>= minimum unless None); UnsupportedModelError naming the HF config field otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise UnsupportedModelError(f"config field {name} is {value!r} ({type(value).__name__}); it must be an integer")
+    if minimum is not None and value < minimum:
+        raise UnsupportedModelError(f"config field {name} is {value}; it must be an integer >= {minimum}")
+    return int(value)
+
+
+def _positive_float(name: str, value: Any) -> float:
+    """``value`` as a finite float > 0, never clamped (BERT's LayerNorm eps is 1e-12)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise UnsupportedModelError(f"config field {name} is {value!r}; it must be a finite number > 0")
+    return float(value)
 
 
 def family_of(model_type: Any) -> Family:
@@ -241,32 +271,45 @@ class EncoderConfig:
             raise UnsupportedModelError(
                 "decoder / cross-attention configurations are not supported: fastbert runs encoders"
             )
-        values = {
-            ours: getattr(hf, theirs) for ours, theirs in family.config_fields.items() if hasattr(hf, theirs)
-        }
+        values = {ours: getattr(hf, theirs) for ours, theirs in family.config_fields.items() if hasattr(hf, theirs)}
         for name, default in _FIELD_DEFAULTS.items():
             values.setdefault(name, default)
-        act_name = values["activation"]
+        act_name = values.get("activation")
         if not isinstance(act_name, str) or act_name not in ACTIVATION_NAMES:
             raise UnsupportedModelError(
                 f"activation {act_name!r} is not supported; fastbert supports: {', '.join(ACTIVATION_NAMES)}"
             )
-        hidden, heads = values["hidden_size"], values["num_heads"]
+        values["vocab_size"] = getattr(hf, "vocab_size", None)
+        values["max_position_embeddings"] = getattr(hf, "max_position_embeddings", None)
+        values.setdefault("embedding_size", values.get("hidden_size"))  # only ELECTRA's differs
+        if not family.token_types:
+            values["type_vocab_size"] = 0
+        sizes = {
+            name: _integer(family.config_fields.get(name, name), values.get(name), minimum)
+            for name, minimum in _SIZE_MINIMUM.items()
+        }
+        hidden, heads = sizes["hidden_size"], sizes["num_heads"]
         if hidden % heads != 0:
-            raise UnsupportedModelError(f"hidden size {hidden} is not a multiple of the number of heads {heads}")
-        pad = getattr(hf, "pad_token_id", None)
+            raise UnsupportedModelError(
+                f"hidden size {hidden} ({family.config_fields['hidden_size']}) is not a multiple of the number of "
+                f"heads {heads} ({family.config_fields['num_heads']})"
+            )
+        eps = _positive_float(family.config_fields.get("layer_norm_eps", "layer_norm_eps"), values["layer_norm_eps"])
+        pad = getattr(hf, "pad_token_id", None)  # only RoBERTa-style positions use it (so must be >= 0)
+        pad = 0 if pad is None else _integer("pad_token_id", pad, 0 if family.positions_after_pad else None)
+        longest = family.max_sequence_length(sizes["max_position_embeddings"], pad)
+        if longest < 1:
+            raise UnsupportedModelError(
+                f"config field pad_token_id is {pad} and max_position_embeddings {sizes['max_position_embeddings']}: "
+                f"{model_type} numbers positions from pad_token_id + 1, so the longest sequence would be "
+                f"max_position_embeddings - pad_token_id - 1 = {longest}; it must be >= 1"
+            )
+        init_range = getattr(hf, "initializer_range", None) or 0.02
         return cls(
             model_type=model_type,
-            vocab_size=hf.vocab_size,
-            hidden_size=hidden,
-            num_layers=values["num_layers"],
-            num_heads=heads,
-            intermediate_size=values["intermediate_size"],
             activation=ACTIVATION_NAMES[act_name],
-            max_position_embeddings=hf.max_position_embeddings,
-            type_vocab_size=values["type_vocab_size"] if family.token_types else 0,
-            layer_norm_eps=float(values["layer_norm_eps"]),
-            pad_token_id=0 if pad is None else int(pad),
-            embedding_size=getattr(hf, "embedding_size", None) or hidden,  # ELECTRA only; absent elsewhere
-            initializer_range=float(getattr(hf, "initializer_range", 0.02) or 0.02),
+            layer_norm_eps=eps,
+            pad_token_id=pad,
+            initializer_range=_positive_float("initializer_range", init_range),
+            **sizes,
         )

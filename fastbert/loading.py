@@ -174,17 +174,78 @@ def load_hf_config(path: Path):
         raise CheckpointError(f"{path / 'config.json'} could not be read: {type(exc).__name__}: {exc}") from exc
 
 
-def _read_file(file: Path) -> dict[str, Tensor]:
+def _read_file(file: Path, safetensors: bool) -> dict[str, Tensor]:
+    """The tensors of one weight file: a safetensors file, or a torch pickle read with ``weights_only=True``."""
     try:
-        if file.suffix == ".safetensors":
+        if safetensors:
             from safetensors.torch import load_file
 
             return load_file(str(file))
         state = torch.load(str(file), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"corrupt or unreadable checkpoint file {file}: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise CheckpointError(f"{file} does not hold a flat dict of tensors")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise CheckpointError(f"{file} does not hold a flat dict of tensors (got {type(state).__name__})")
+    return state
+
+
+def read_torch_file(file: str | os.PathLike) -> dict[str, Tensor]:
+    """A torch pickle (``pytorch_model.bin``) as a flat dict of tensors, read with ``weights_only=True``.
+
+    A pickle that would run code (UnpicklingError), a truncated or missing file, or anything but a flat
+    ``{str: Tensor}`` dict raises CheckpointError naming the file.
+    """
+    return _read_file(Path(file), safetensors=False)
+
+
+def _shard_file(path: Path, index: str, shard: object) -> Path:
+    """The file of one shard named in an index, refused unless it lies inside the checkpoint folder.
+
+    The name must stay inside the folder as written (no ``..``, not absolute) and once symlinks are resolved;
+    in a huggingface_hub cache the snapshot's files are symlinks into the repo's ``blobs/``, which is allowed.
+    """
+    if not isinstance(shard, str) or not shard:
+        raise CheckpointError(f"{path / index}: shard name {shard!r} is not a file name")
+    folder = Path(os.path.normpath(path.absolute()))
+    file = folder / shard
+    root = folder.resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots":  # <cache>/models--org--name/snapshots/<revision>/
+        allowed.append((root.parent.parent / "blobs").resolve())
+    inside = Path(os.path.normpath(file)).is_relative_to(folder)
+    target = file.resolve()
+    if not inside or not any(target.is_relative_to(a) for a in allowed):
+        raise CheckpointError(f"shard {shard!r} listed in {path / index} lies outside the checkpoint folder {path}")
+    return file
+
+
+def _read_index(path: Path, index: str) -> dict[str, Tensor]:
+    """All tensors of a sharded checkpoint: the index's weight_map ({tensor: shard file}) and its shards."""
+    try:
+        weight_map = json.loads((path / index).read_text())["weight_map"]
+    except Exception as exc:
+        raise CheckpointError(f"corrupt shard index {path / index}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(
+            f"corrupt shard index {path / index}: weight_map must be a non-empty object of tensor name -> shard "
+            f"file, got {type(weight_map).__name__}"
+        )
+    shards: dict[str, Path] = {}
+    for shard in weight_map.values():
+        if not isinstance(shard, str) or shard not in shards:  # _shard_file refuses a non-string name
+            shards[shard] = _shard_file(path, index, shard)
+    state: dict[str, Tensor] = {}
+    source: dict[str, str] = {}
+    for shard in sorted(shards):
+        if not shards[shard].is_file():
+            raise CheckpointError(f"shard {shard} listed in {index} is missing from {path}")
+        for name, tensor in _read_file(shards[shard], safetensors=index.startswith("model.safetensors")).items():
+            if name in state:
+                raise CheckpointError(f"{path}: tensor {name} is in two shards, {source[name]} and {shard}")
+            state[name], source[name] = tensor, shard
+    missing = set(weight_map) - set(state)
+    if missing:
+        raise CheckpointError(f"{index} lists tensors its shards do not hold: {sorted(missing)[:5]}")
     return state
 
 
@@ -195,21 +256,9 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
         ("pytorch_model.bin", "pytorch_model.bin.index.json"),
     ):
         if (path / single).is_file():
-            return _read_file(path / single)
+            return _read_file(path / single, safetensors=single.endswith(".safetensors"))
         if (path / index).is_file():
-            try:
-                weight_map = json.loads((path / index).read_text())["weight_map"]
-            except Exception as exc:
-                raise CheckpointError(f"corrupt shard index {path / index}: {type(exc).__name__}: {exc}") from exc
-            state: dict[str, Tensor] = {}
-            for shard in sorted(set(weight_map.values())):
-                if not (path / shard).is_file():
-                    raise CheckpointError(f"shard {shard} listed in {index} is missing from {path}")
-                state.update(_read_file(path / shard))
-            missing = set(weight_map) - set(state)
-            if missing:
-                raise CheckpointError(f"{index} lists tensors its shards do not hold: {sorted(missing)[:5]}")
-            return state
+            return _read_index(path, index)
     raise CheckpointError(f"{path} holds no weights; expected one of: {', '.join(WEIGHT_FILES)}")
 
 
@@ -246,9 +295,11 @@ def hf_to_fastbert(
             continue
         if ours in out and ours == "head.bias":
             continue  # decoder.bias and predictions.bias are one tied tensor
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"tensor {key} has dtype {tensor.dtype}; weights must be floating point")
         out[ours] = tensor
         origin[ours] = key
-    for n in range(config.num_layers):
+    for n in sorted(layer_indices(out)):  # what the checkpoint holds, never range(config.num_layers)
         for p in ("weight", "bias"):
             parts = [out.pop(f"layers.{n}.{x}.{p}", None) for x in "qkv"]
             if all(t is not None for t in parts):
@@ -284,6 +335,94 @@ def fastbert_to_hf(
             raise CheckpointError(f"no transformers name for fastbert parameter {name!r}")
         out[hf] = tensor
     return out
+
+
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def layer_indices(names: Iterable[str]) -> set[int]:
+    """The indices n of fastbert names ``layers.{n}.*``."""
+    return {int(m[1]) for name in names if (m := _LAYER.match(name))}
+
+
+def parameter_count(cfg: EncoderConfig) -> int:
+    """Parameters of the encoder a config implies: embeddings, layers and pooler (a task head adds at most a
+    hidden x vocab table, and a masked-LM decoder is tied to the word embeddings)."""
+    h, e, i = cfg.hidden_size, cfg.embedding_size, cfg.intermediate_size
+    embeddings = (cfg.vocab_size + cfg.max_position_embeddings + cfg.type_vocab_size + 2) * e
+    if e != h:
+        embeddings += e * h + h  # ELECTRA's projection to the hidden width
+    layer = 4 * h * h + 4 * h + 2 * h * i + i + h + 4 * h  # qkv + attn_out, ffn_in + ffn_out, two LayerNorms
+    pooler = h * h + h if cfg.has_pooler else 0
+    return embeddings + cfg.num_layers * layer + pooler
+
+
+def physical_memory() -> int | None:
+    """This machine's physical memory in bytes (os.sysconf), None where the platform does not say."""
+    try:
+        pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+    return pages * page_size if pages > 0 and page_size > 0 else None
+
+
+def check_fits(cfg: EncoderConfig, state: dict[str, Tensor], source: str, origin: dict[str, str] | None = None) -> None:
+    """Check a config against a checkpoint's tensors before any model is built (call it after hf_to_fastbert).
+
+    state / origin: what hf_to_fastbert returns (fastbert names; origin gives the HF names for messages).
+    Raises CheckpointError naming the config field when the checkpoint's layer count (max n + 1 among
+    ``layers.{n}.*``) differs from the config's; when an embedding table is not (vocab_size |
+    max_position_embeddings | type_vocab_size, hidden_size), a token-type table included where type_vocab_size
+    is 0; or when the parameters the config implies would not fit, in float32, in this machine's physical
+    memory. Reads names and shapes only.
+    """
+
+    def field(name: str) -> str:
+        return cfg.family.config_fields.get(name, name)
+
+    def tensor(name: str) -> str:
+        hf = origin.get(name) if origin else None
+        return f"tensor {hf} (fastbert {name})" if hf else f"tensor {name}"
+
+    indices = layer_indices(state)
+    held = max(indices) + 1 if indices else 0
+    if held != cfg.num_layers:
+        raise CheckpointError(
+            f"{source}: config field {field('num_layers')} is {cfg.num_layers} but the checkpoint holds {held} "
+            "layers (highest layer index + 1)"
+        )
+    width = field("embedding_size" if "embedding_size" in cfg.family.config_fields else "hidden_size")
+    for name, rows_field, rows in (
+        ("embeddings.word.weight", "vocab_size", cfg.vocab_size),
+        ("embeddings.position.weight", "max_position_embeddings", cfg.max_position_embeddings),
+        ("embeddings.token_type.weight", "type_vocab_size", cfg.type_vocab_size),
+    ):
+        table = state.get(name)
+        if table is None:
+            continue
+        shape = tuple(table.shape)
+        if rows == 0 and table.numel() > 0:
+            raise CheckpointError(
+                f"{source}: the checkpoint holds {tensor(name)} of shape {shape} but config field {rows_field} "
+                f"is 0 (no table): set {rows_field} to {shape[0]}, or remove the tensor"
+            )
+        if len(shape) != 2 or shape[0] != rows:
+            raise CheckpointError(
+                f"{source}: {tensor(name)} has shape {shape} but config field {rows_field} is {rows} "
+                f"(expected ({rows}, {cfg.embedding_size}))"
+            )
+        if shape[1] != cfg.embedding_size:
+            raise CheckpointError(
+                f"{source}: {tensor(name)} has shape {shape} but config field {width} is {cfg.embedding_size}"
+            )
+    memory, count = physical_memory(), parameter_count(cfg)
+    if memory is not None and 4 * count > memory:
+        sizes = ("vocab_size", "hidden_size", "num_layers", "intermediate_size", "max_position_embeddings")
+        raise CheckpointError(
+            f"{source}: the config implies {count:,} parameters ({4 * count / 2**30:,.1f} GiB in float32), more "
+            f"than this machine's {memory / 2**30:,.1f} GiB of memory: "
+            + ", ".join(f"{field(n)}={getattr(cfg, n)}" for n in sizes)
+        )
 
 
 def check_shapes(expected: dict[str, Tensor], loaded: dict[str, Tensor], origin: dict[str, str], source: str) -> None:

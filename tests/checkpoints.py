@@ -6,6 +6,7 @@ Used by the model-level tests of every backend.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -106,3 +107,40 @@ def random_batch(family: str, lengths: list[int], vocab: int = 99, seed: int = 0
     pad = pad_id if pad_id is not None else (1 if family in ("roberta", "xlm-roberta") else 0)
     ids[mask == 0] = pad
     return ids, mask
+
+
+def edit_config(folder: Path, **fields) -> Path:
+    """Overwrite fields of ``folder/config.json`` (values as JSON writes them: NaN and Infinity included)."""
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    cfg.update(fields)
+    (Path(folder) / "config.json").write_text(json.dumps(cfg))
+    return Path(folder)
+
+
+_COMPUTED = object()
+
+
+def write_shards(folder: Path, shards: dict[str, dict[str, torch.Tensor]], weight_map=_COMPUTED) -> Path:
+    """Write ``{file name: tensors}`` as shards plus their index (``weight_map``, any JSON value, replaces the
+    computed {tensor: file} map).
+
+    Shards ending in .safetensors get ``model.safetensors.index.json``, others ``pytorch_model.bin.index.json``;
+    the single-file weights already in ``folder`` are removed so that the index is what loads.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        (folder / single).unlink(missing_ok=True)
+    computed = {}
+    for name, tensors in shards.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".safetensors"):
+            save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        else:
+            torch.save(tensors, folder / name)
+        computed.update(dict.fromkeys(tensors, name))
+    kind = "model.safetensors" if all(n.endswith(".safetensors") for n in shards) else "pytorch_model.bin"
+    index = {"metadata": {}, "weight_map": computed if weight_map is _COMPUTED else weight_map}
+    (folder / f"{kind}.index.json").write_text(json.dumps(index))
+    return folder
