@@ -29,7 +29,7 @@ if sources and os.environ.get("FASTBERT_NO_EXT", "0") in ("", "0"):
     cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
 
 setup(
-    packages=["fastbert", "fastbert.kernels"],
+    packages=["fastbert", "fastbert.bench", "fastbert.kernels"],
     package_dir={"fastbert": "fastbert", "fastbert.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -271,12 +271,23 @@ static const std::optional<c10::TypedOperatorHandle<LinearPointwiseFn>>& onednn_
   return op;
 }
 
-// act(x @ w.T + bias) with the activation as a oneDNN post-op where oneDNN has it.
+// Whether oneDNN runs bfloat16 GEMMs on this CPU (it needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT; on an AVX2-only
+// CPU it cannot even build the primitive). Asked once through torch's own probe.
+static bool onednn_bf16_supported() {
+  static const bool supported = []() {
+    auto handle = c10::Dispatcher::singleton().findSchema({"mkldnn::_is_mkldnn_bf16_supported", ""});
+    return handle.has_value() && handle->typed<bool()>().call();
+  }();
+  return supported;
+}
+
+// act(x @ w.T + bias) with the activation as a oneDNN post-op where oneDNN has it; at::linear otherwise (no
+// oneDNN in this torch, or bfloat16 on a CPU where oneDNN has no bfloat16 path).
 static at::Tensor gemm(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, int act,
                        const std::optional<at::Tensor>& packed) {
   const bool use_packed = packed.has_value() && packed->defined();
   const auto& op = onednn_linear_op();
-  if (op.has_value()) {
+  if (op.has_value() && (x.scalar_type() != at::kBFloat16 || onednn_bf16_supported())) {
     const char* attr = "none";
     const char* alg = "";
     switch (act) {
@@ -291,7 +302,8 @@ static at::Tensor gemm(const at::Tensor& x, const at::Tensor& weight, const std:
                     std::optional<c10::string_view>(alg));
   }
   TORCH_CHECK(!use_packed || packed->layout() == at::kStrided,
-              "fastbert: a oneDNN-packed weight was given but this torch has no oneDNN");
+              "fastbert: a oneDNN-packed weight was given but oneDNN cannot run this GEMM here (",
+              x.scalar_type(), " on this CPU)");
   at::Tensor y = at::linear(x, weight, bias);
   if (act != kActNone) run_bias_activation(y, nullptr, act, y);
   return y;
