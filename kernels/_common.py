@@ -1,12 +1,15 @@
-"""Helpers shared by the Triton launchers: input checks and the small shape -> launch-parameter rules."""
+"""Helpers shared by the Triton launchers: input checks, the small shape -> launch-parameter rules, and the
+ahead-of-time compile specs built from each kernel's own argument list."""
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import triton.language as tl
 from torch import Tensor
 
 #: Storage dtypes the kernels run in (statistics are fp32 in every one of them).
@@ -72,7 +75,8 @@ def row_warps(block_size: int) -> int:
 
 @dataclass(frozen=True)
 class KernelSpec:
-    """One compile of a kernel: what the ahead-of-time compile test feeds to ``triton.compile``.
+    """One compile of a kernel: what the ahead-of-time compile test feeds to ``triton.compile``. Build it with
+    ``kernel_spec``, which reads the signature from the kernel's own arguments.
 
     signature: argument name -> Triton type (``*fp16``, ``i32``, ``fp32``, ``constexpr``); constexprs: values of
     the constexpr arguments; aligned: arguments the JIT would see as 16-divisible in normal use (pointers of fresh
@@ -86,3 +90,75 @@ class KernelSpec:
     num_stages: int
     label: str
     aligned: tuple[str, ...] = field(default=())
+
+
+#: Pointers that do not hold activations, by name: token / position / type ids (the launchers pass them as
+#: int64) and cu_seqlens (int32, as everywhere in fastbert). Every other ``*_ptr`` has the storage dtype.
+INDEX_POINTERS = {"_ids_ptr": "*i64", "cu_seqlens_ptr": "*i32"}
+
+
+def _is_constexpr(param: inspect.Parameter) -> bool:
+    # The annotation is the object tl.constexpr, or its source text under ``from __future__ import annotations``.
+    ann = param.annotation
+    return ann is tl.constexpr or (isinstance(ann, str) and ann.rsplit(".", 1)[-1] == "constexpr")
+
+
+def kernel_arguments(fn: Any) -> list[tuple[str, bool]]:
+    """(name, is_constexpr) of each argument of a ``@triton.jit`` kernel, in order.
+
+    Read from the Python function itself (``fn.fn``), so it works for compiled JITFunctions and for the
+    interpreter's InterpretedFunctions (TRITON_INTERPRET=1) alike.
+    """
+    return [(p.name, _is_constexpr(p)) for p in inspect.signature(fn.fn).parameters.values()]
+
+
+def argument_type(name: str, storage: str) -> str:
+    """Triton signature type of the runtime argument ``name`` of a kernel whose activations are ``storage``.
+
+    The rule follows fastbert's kernel naming: ``*_ptr`` -> a pointer (``*<storage>``, or the index type of
+    ``INDEX_POINTERS``); ``stride_*``, ``n_*`` and ``*_size`` -> ``i32``; ``eps`` and ``*_scale`` -> ``fp32``.
+    A name no rule covers raises, so a new kernel argument gets a rule (or a conforming name), never a guess.
+    """
+    if name.endswith("_ptr"):
+        for suffix, ty in INDEX_POINTERS.items():
+            if name.endswith(suffix):
+                return ty
+        return f"*{storage}"
+    if name.startswith(("stride_", "n_")) or name.endswith("_size"):
+        return "i32"
+    if name == "eps" or name.endswith("_scale"):  # passed as Python floats: fp32 scalars
+        return "fp32"
+    raise ValueError(
+        f"kernel argument {name!r} matches no signature rule (*_ptr, stride_*, n_*, *_size, eps, *_scale); "
+        "rename it or add a rule to kernels/_common.py"
+    )
+
+
+def kernel_spec(
+    fn: Any,
+    dtype: torch.dtype,
+    constexprs: dict[str, Any],
+    *,
+    num_warps: int,
+    num_stages: int,
+    label: str,
+    aligned_sizes: tuple[str, ...] = ("n_cols",),
+) -> KernelSpec:
+    """The KernelSpec of ``fn`` at storage ``dtype``, its signature derived from the kernel's argument names.
+
+    ``constexprs`` must give a value for exactly the kernel's constexpr arguments. The arguments marked
+    16-divisible (``aligned``) are every pointer and stride, and the size arguments named in ``aligned_sizes``
+    that the kernel has.
+    """
+    args = kernel_arguments(fn)
+    expected = [name for name, is_const in args if is_const]
+    if sorted(constexprs) != sorted(expected):
+        raise ValueError(f"{label}: constexprs {sorted(constexprs)} do not match the kernel's {sorted(expected)}")
+    storage = TRITON_TYPES[dtype]
+    signature = {name: "constexpr" if is_const else argument_type(name, storage) for name, is_const in args}
+    aligned = tuple(
+        name
+        for name, is_const in args
+        if not is_const and (name.endswith("_ptr") or name.startswith("stride_") or name in aligned_sizes)
+    )
+    return KernelSpec(fn, signature, constexprs, num_warps, num_stages, label, aligned)

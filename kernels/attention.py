@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import TRITON_TYPES, KernelSpec, check_tensor, dtype_name, next_power_of_2
+from ._common import TRITON_TYPES, KernelSpec, check_tensor, dtype_name, kernel_spec, next_power_of_2
 
 #: Largest head_dim handled (the fp32 accumulator is BLOCK_M x BLOCK_D registers).
 MAX_HEAD_DIM = 128
@@ -171,24 +171,10 @@ def attention(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, num_heads: int, 
 def aot_specs(num_heads: int = 12) -> list[KernelSpec]:
     """Every (dtype, head_dim, config) the launcher can choose for the BERT-family head dims."""
     specs = []
-    for dtype, ty in TRITON_TYPES.items():
+    for dtype in TRITON_TYPES:
         for head_dim in HEAD_DIMS:
             cfgs = {attention_config(head_dim, dtype, s) for s in (1, 64, 65, 512)}
             for cfg in sorted(cfgs, key=lambda c: c.BLOCK_M):
-                sig = {
-                    "qkv_ptr": f"*{ty}",
-                    "out_ptr": f"*{ty}",
-                    "cu_seqlens_ptr": "*i32",
-                    "stride_qkv_row": "i32",
-                    "stride_out_row": "i32",
-                    "qk_scale": "fp32",
-                    "NUM_HEADS": "constexpr",
-                    "HEAD_DIM": "constexpr",
-                    "BLOCK_D": "constexpr",
-                    "BLOCK_M": "constexpr",
-                    "BLOCK_N": "constexpr",
-                    "IEEE": "constexpr",
-                }
                 consts = {
                     "NUM_HEADS": num_heads,
                     "HEAD_DIM": head_dim,
@@ -198,14 +184,13 @@ def aot_specs(num_heads: int = 12) -> list[KernelSpec]:
                     "IEEE": dtype == torch.float32,
                 }
                 specs.append(
-                    KernelSpec(
+                    kernel_spec(
                         _attention_fwd_kernel,
-                        sig,
+                        dtype,
                         consts,
                         num_warps=cfg.num_warps,
                         num_stages=cfg.num_stages,
                         label=f"attention-{dtype_name(dtype)}-d{head_dim}-M{cfg.BLOCK_M}N{cfg.BLOCK_N}",
-                        aligned=("qkv_ptr", "out_ptr", "cu_seqlens_ptr", "stride_qkv_row", "stride_out_row"),
                     )
                 )
     return specs

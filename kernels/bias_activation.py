@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import TRITON_TYPES, KernelSpec, check_tensor, dtype_name, vector
+from ._common import TRITON_TYPES, KernelSpec, check_tensor, dtype_name, kernel_spec, vector
 
 #: Activation names (None = identity), as in fastbert.reference.
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "tanh")
@@ -100,28 +100,18 @@ def bias_activation(x: Tensor, bias: Tensor | None, act: str | None) -> Tensor:
 def aot_specs() -> list[KernelSpec]:
     """Every (dtype, activation, bias) variant; the launch parameters are fixed."""
     specs = []
-    for dtype, ty in TRITON_TYPES.items():
+    for dtype in TRITON_TYPES:
         for act in (None, *ACTIVATIONS):
             for has_bias in (False, True):
-                sig = {
-                    "x_ptr": f"*{ty}",
-                    "bias_ptr": f"*{ty}",
-                    "out_ptr": f"*{ty}",
-                    "n_elements": "i32",
-                    "n_cols": "i32",
-                    "HAS_BIAS": "constexpr",
-                    "ACTIVATION": "constexpr",
-                    "BLOCK_SIZE": "constexpr",
-                }
                 specs.append(
-                    KernelSpec(
+                    kernel_spec(
                         _bias_activation_kernel,
-                        sig,
+                        dtype,
                         {"HAS_BIAS": has_bias, "ACTIVATION": act, "BLOCK_SIZE": BLOCK_SIZE},
                         num_warps=NUM_WARPS,
                         num_stages=1,
                         label=f"bias_activation-{dtype_name(dtype)}-{act}-bias{int(has_bias)}",
-                        aligned=("x_ptr", "bias_ptr", "out_ptr", "n_elements", "n_cols"),
+                        aligned_sizes=("n_elements", "n_cols"),
                     )
                 )
     return specs

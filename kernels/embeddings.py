@@ -7,7 +7,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import TRITON_TYPES, KernelSpec, check_tensor, dtype_name, next_power_of_2, row_warps, vector
+from ._common import (
+    TRITON_TYPES,
+    KernelSpec,
+    check_tensor,
+    dtype_name,
+    kernel_spec,
+    next_power_of_2,
+    row_warps,
+    vector,
+)
 
 #: Widest embedding one program holds in registers (as for LayerNorm).
 MAX_COLUMNS = 8192
@@ -186,41 +195,17 @@ def aot_specs() -> list[KernelSpec]:
     """Every (dtype, token-type variant, BLOCK_SIZE, num_warps) the launcher can choose."""
     specs = []
     blocks = sorted({embeddings_config(n)[0] for n in range(1, MAX_COLUMNS + 1, 63)} | {MAX_COLUMNS})
-    for dtype, ty in TRITON_TYPES.items():
+    for dtype in TRITON_TYPES:
         for has_types, has_type_ids in ((False, False), (True, False), (True, True)):
             for block in blocks:
-                sig = {
-                    "input_ids_ptr": "*i64",
-                    "position_ids_ptr": "*i64",
-                    "token_type_ids_ptr": "*i64",
-                    "word_ptr": f"*{ty}",
-                    "position_ptr": f"*{ty}",
-                    "type_ptr": f"*{ty}",
-                    "weight_ptr": f"*{ty}",
-                    "ln_bias_ptr": f"*{ty}",
-                    "out_ptr": f"*{ty}",
-                    "stride_word_row": "i32",
-                    "stride_position_row": "i32",
-                    "stride_type_row": "i32",
-                    "stride_out_row": "i32",
-                    "n_cols": "i32",
-                    "vocab_size": "i32",
-                    "n_positions": "i32",
-                    "n_types": "i32",
-                    "eps": "fp32",
-                    "HAS_TYPES": "constexpr",
-                    "HAS_TYPE_IDS": "constexpr",
-                    "BLOCK_SIZE": "constexpr",
-                }
                 specs.append(
-                    KernelSpec(
+                    kernel_spec(
                         _embeddings_fwd_kernel,
-                        sig,
+                        dtype,
                         {"HAS_TYPES": has_types, "HAS_TYPE_IDS": has_type_ids, "BLOCK_SIZE": block},
                         num_warps=row_warps(block),
                         num_stages=1,
                         label=f"embeddings-{dtype_name(dtype)}-types{int(has_types)}{int(has_type_ids)}-B{block}",
-                        aligned=tuple(k for k in sig if k.endswith("_ptr") or k.startswith("stride") or k == "n_cols"),
                     )
                 )
     return specs

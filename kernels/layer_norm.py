@@ -16,6 +16,7 @@ from ._common import (
     KernelSpec,
     check_tensor,
     dtype_name,
+    kernel_spec,
     next_power_of_2,
     row_warps,
     rows_contiguous,
@@ -138,34 +139,17 @@ def aot_specs() -> list[KernelSpec]:
     """Every (dtype, variant, BLOCK_SIZE, num_warps) the launcher can choose."""
     specs = []
     blocks = sorted({layer_norm_config(n)[0] for n in range(1, MAX_COLUMNS + 1, 63)} | {MAX_COLUMNS})
-    for dtype, ty in TRITON_TYPES.items():
+    for dtype in TRITON_TYPES:
         for has_bias, has_residual in ((False, False), (False, True), (True, True)):
             for block in blocks:
-                sig = {
-                    "x_ptr": f"*{ty}",
-                    "bias_ptr": f"*{ty}",
-                    "residual_ptr": f"*{ty}",
-                    "weight_ptr": f"*{ty}",
-                    "ln_bias_ptr": f"*{ty}",
-                    "out_ptr": f"*{ty}",
-                    "stride_x_row": "i32",
-                    "stride_residual_row": "i32",
-                    "stride_out_row": "i32",
-                    "n_cols": "i32",
-                    "eps": "fp32",
-                    "HAS_BIAS": "constexpr",
-                    "HAS_RESIDUAL": "constexpr",
-                    "BLOCK_SIZE": "constexpr",
-                }
                 specs.append(
-                    KernelSpec(
+                    kernel_spec(
                         _add_layer_norm_fwd_kernel,
-                        sig,
+                        dtype,
                         {"HAS_BIAS": has_bias, "HAS_RESIDUAL": has_residual, "BLOCK_SIZE": block},
                         num_warps=row_warps(block),
                         num_stages=1,
                         label=f"layer_norm-{dtype_name(dtype)}-bias{int(has_bias)}-res{int(has_residual)}-B{block}",
-                        aligned=tuple(k for k in sig if k.endswith("_ptr") or k.startswith("stride") or k == "n_cols"),
                     )
                 )
     return specs
