@@ -17,6 +17,7 @@ from ._common import (
     row_warps,
     vector,
 )
+from .layer_norm import layer_norm_row
 
 #: Widest embedding one program holds in registers (as for LayerNorm).
 MAX_COLUMNS = 8192
@@ -75,14 +76,7 @@ def _embeddings_fwd_kernel(
             x += tl.load(type_ptr + tid * stride_type_row + cols, mask=t_mask, other=0.0).to(tl.float32)
         else:  # no token_type_ids given: every token has type 0, as in transformers
             x += tl.load(type_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / n_cols
-    xc = tl.where(mask, x - mean, 0.0)
-    var = tl.sum(xc * xc, axis=0) / n_cols
-    rstd = 1.0 / tl.sqrt(var + eps)
-    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(ln_bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    y = xc * rstd * w + b
-    tl.store(out_ptr + tok * stride_out_row + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+    layer_norm_row(x, cols, mask, n_cols, eps, weight_ptr, ln_bias_ptr, out_ptr, tok, stride_out_row)
 
 
 def embeddings_config(n_cols: int) -> tuple[int, int]:

@@ -30,6 +30,22 @@ MIN_BLOCK = 64
 
 
 @triton.jit
+def layer_norm_row(x, cols, mask, n_cols, eps, weight_ptr, ln_bias_ptr, out_ptr, row, stride_out_row):
+    """LayerNorm of one row, written to row ``row`` of out in out's dtype (shared with embeddings.py).
+
+    x: the (BLOCK_SIZE,) row in fp32, 0 in the lanes outside ``mask`` (cols < n_cols); statistics in fp32.
+    """
+    mean = tl.sum(x, axis=0) / n_cols
+    xc = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(xc * xc, axis=0) / n_cols  # two-pass (centred) variance: no cancellation
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(ln_bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    y = xc * rstd * w + b
+    tl.store(out_ptr + row * stride_out_row + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _add_layer_norm_fwd_kernel(
     x_ptr,  # (n_rows, n_cols), row stride stride_x_row
     bias_ptr,  # (n_cols,) or unused
@@ -55,14 +71,7 @@ def _add_layer_norm_fwd_kernel(
         x += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         x += tl.load(residual_ptr + row * stride_residual_row + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / n_cols
-    xc = tl.where(mask, x - mean, 0.0)
-    var = tl.sum(xc * xc, axis=0) / n_cols  # two-pass (centred) variance: no cancellation
-    rstd = 1.0 / tl.sqrt(var + eps)
-    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(ln_bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    y = xc * rstd * w + b
-    tl.store(out_ptr + row * stride_out_row + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+    layer_norm_row(x, cols, mask, n_cols, eps, weight_ptr, ln_bias_ptr, out_ptr, row, stride_out_row)
 
 
 def layer_norm_config(n_cols: int) -> tuple[int, int]:
