@@ -252,6 +252,7 @@ class AutoModel(nn.Module):
         hf_config = loading.load_hf_config(path)
         cfg = EncoderConfig.from_hf(hf_config)
         state, unexpected, origin = loading.hf_to_fastbert(loading.read_state_dict(path), cfg, cls.task)
+        loading.check_fits(cfg, state, str(path), origin)  # before anything is built: a config can lie about sizes
         with torch.device("meta"):
             model = cls(hf_config, backend="torch")
         expected = model.state_dict()
