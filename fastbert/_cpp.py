@@ -1,7 +1,9 @@
 """The cpp backend: ``torch.ops.fastbert.*`` from the C++ extension ``fastbert._C`` (sources in ``csrc/``).
 
-Same functions and signatures as ``fastbert.reference`` (the contract). If the extension cannot be loaded,
-``UNAVAILABLE_REASON`` says why and ``fastbert.ops`` reports it; nothing here raises at import.
+Same functions and signatures as ``fastbert.reference`` (the contract): the torch ops themselves where their
+schema already is that signature, a thin wrapper where it is not (see ``linear``). If the extension cannot be
+loaded, ``UNAVAILABLE_REASON`` says why, the ops are not defined and ``fastbert.ops`` reports it; nothing here
+raises at import.
 GEMMs run in oneDNN (through torch's ``mkldnn::_linear_pointwise``) on weights prepacked once by
 ``prepack_linear``; everything else is fastbert's own C++ (AVX-512 path chosen at run time).
 """
@@ -63,52 +65,19 @@ if UNAVAILABLE_REASON is None:
     def _attention_fake(qkv, cu_seqlens, max_seqlen, num_heads, scale):
         return qkv.new_empty(qkv.shape[0], qkv.shape[1] // 3)
 
+    # Ops whose schema (csrc/ops.cpp) is the contract's signature, names and order, with no defaults to add:
+    # the torch ops themselves, no Python wrapper per call. The schema takes any Python / numpy number for a
+    # ``float`` and an integer for an ``int``, so no casts are needed either.
+    embeddings = _ops.embeddings
+    add_layernorm = _ops.add_layernorm
+    bias_activation = _ops.bias_activation
+    bias_residual_layernorm = _ops.bias_residual_layernorm
+    attention = _ops.attention
+
 
 def isa(name: str = "") -> str:
     """The kernel table in use ("avx512" or "base"); ``isa("base")`` switches to the portable baseline."""
     return torch.ops.fastbert._set_isa(name)
-
-
-def embeddings(
-    input_ids: Tensor,
-    position_ids: Tensor,
-    token_type_ids: Tensor | None,
-    word_weight: Tensor,
-    position_weight: Tensor,
-    token_type_weight: Tensor | None,
-    ln_weight: Tensor,
-    ln_bias: Tensor,
-    eps: float,
-) -> Tensor:
-    """LayerNorm(word[ids] + position[pos] + type[tt]); see ``fastbert.reference.embeddings``."""
-    return _ops.embeddings(
-        input_ids,
-        position_ids,
-        token_type_ids,
-        word_weight,
-        position_weight,
-        token_type_weight,
-        ln_weight,
-        ln_bias,
-        float(eps),
-    )
-
-
-def add_layernorm(x: Tensor, residual: Tensor | None, ln_weight: Tensor, ln_bias: Tensor, eps: float) -> Tensor:
-    """LayerNorm(x + residual); see ``fastbert.reference.add_layernorm``."""
-    return _ops.add_layernorm(x, residual, ln_weight, ln_bias, float(eps))
-
-
-def bias_activation(x: Tensor, bias: Tensor | None, act: str | None) -> Tensor:
-    """act(x + bias); see ``fastbert.reference.bias_activation``."""
-    return _ops.bias_activation(x, bias, act)
-
-
-def bias_residual_layernorm(
-    x: Tensor, bias: Tensor | None, residual: Tensor, ln_weight: Tensor, ln_bias: Tensor, eps: float
-) -> Tensor:
-    """LayerNorm(x + bias + residual); see ``fastbert.reference.bias_residual_layernorm``."""
-    return _ops.bias_residual_layernorm(x, bias, residual, ln_weight, ln_bias, float(eps))
 
 
 _warned_bf16 = False
@@ -150,6 +119,10 @@ def prepack_linear(weight: Tensor) -> Any:
         return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
 
 
+# linear and linear_residual_layernorm keep a wrapper for one reason: the contract gives ``act`` and ``packed``
+# defaults (None) that the op schemas do not have.
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, act: str | None = None, packed: Any = None) -> Tensor:
     """act(x @ weight.T + bias); see ``fastbert.reference.linear``. ``packed`` comes from ``prepack_linear``."""
     return _ops.linear(x, weight, bias, act, packed)
@@ -166,9 +139,4 @@ def linear_residual_layernorm(
     packed: Any = None,
 ) -> Tensor:
     """LayerNorm(x @ weight.T + bias + residual); see ``fastbert.reference.linear_residual_layernorm``."""
-    return _ops.linear_residual_layernorm(x, weight, bias, residual, ln_weight, ln_bias, float(eps), packed)
-
-
-def attention(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, num_heads: int, scale: float) -> Tensor:
-    """Packed-sequence attention; see ``fastbert.reference.attention``."""
-    return _ops.attention(qkv, cu_seqlens, int(max_seqlen), int(num_heads), float(scale))
+    return _ops.linear_residual_layernorm(x, weight, bias, residual, ln_weight, ln_bias, eps, packed)
