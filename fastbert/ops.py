@@ -7,34 +7,84 @@ contract and shapes):
 - ``cpp``: ``fastbert._cpp``, the C++ extension ``fastbert._C`` (``torch.ops.fastbert.*``), CPU tensors;
 - ``triton``: ``fastbert.kernels``, Triton kernels, CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``).
 
-A model resolves its backend once, when it is built (``resolve_backend``), and calls the returned
-``Backend``'s functions in ``forward``; nothing chooses per call.
+The contract is written once, as the typed protocol ``BackendOps``; ``OPS`` lists its ops. A model resolves its
+backend once, when it is built (``resolve_backend``), and calls the returned ``Backend``'s functions in
+``forward``; nothing chooses per call.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import warnings
 from functools import cache
 from types import ModuleType
+from typing import Any, Protocol
 
 import torch
+from torch import Tensor
 
 from . import reference
 
 BACKENDS = ("torch", "cpp", "triton")
 
-#: The functions every backend module provides (``fastbert.reference`` defines their contract).
-OPS = (
-    "embeddings",
-    "add_layernorm",
-    "bias_activation",
-    "bias_residual_layernorm",
-    "prepack_linear",
-    "linear",
-    "linear_residual_layernorm",
-    "attention",
+
+class BackendOps(Protocol):
+    """The backend contract: the fused ops every backend module provides, with these names and signatures.
+
+    ``fastbert.reference`` defines what each computes and the tensor shapes; ``fastbert._cpp`` and
+    ``fastbert.kernels`` implement the same functions. ``OPS`` (below) is read from this class.
+    """
+
+    def embeddings(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        token_type_ids: Tensor | None,
+        word_weight: Tensor,
+        position_weight: Tensor,
+        token_type_weight: Tensor | None,
+        ln_weight: Tensor,
+        ln_bias: Tensor,
+        eps: float,
+    ) -> Tensor: ...
+
+    def add_layernorm(
+        self, x: Tensor, residual: Tensor | None, ln_weight: Tensor, ln_bias: Tensor, eps: float
+    ) -> Tensor: ...
+
+    def bias_activation(self, x: Tensor, bias: Tensor | None, act: str | None) -> Tensor: ...
+
+    def bias_residual_layernorm(
+        self, x: Tensor, bias: Tensor | None, residual: Tensor, ln_weight: Tensor, ln_bias: Tensor, eps: float
+    ) -> Tensor: ...
+
+    def prepack_linear(self, weight: Tensor) -> Any: ...
+
+    def linear(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, act: str | None = None, packed: Any = None
+    ) -> Tensor: ...
+
+    def linear_residual_layernorm(
+        self,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        residual: Tensor,
+        ln_weight: Tensor,
+        ln_bias: Tensor,
+        eps: float,
+        packed: Any = None,
+    ) -> Tensor: ...
+
+    def attention(self, qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, num_heads: int, scale: float) -> Tensor: ...
+
+
+#: The names of the ops in the contract, in the order ``BackendOps`` declares them (Protocol's own dunder
+#: methods left out).
+OPS: tuple[str, ...] = tuple(
+    name for name, value in vars(BackendOps).items() if inspect.isfunction(value) and not name.startswith("_")
 )
 
 _MODULES = {"torch": "fastbert.reference", "cpp": "fastbert._cpp", "triton": "fastbert.kernels"}
@@ -44,8 +94,11 @@ class BackendUnavailable(RuntimeError):
     """A backend was asked for explicitly but cannot run here; the message says why."""
 
 
-class Backend:
-    """The fused ops of one backend, looked up once: ``backend.linear(...)``, ``backend.attention(...)``."""
+class Backend(BackendOps):
+    """The fused ops of one backend, looked up once: ``backend.linear(...)``, ``backend.attention(...)``.
+
+    Each op in ``OPS`` is the backend module's function itself, set on the instance (no wrapper per call).
+    """
 
     def __init__(self, name: str, module: ModuleType):
         self.name = name
