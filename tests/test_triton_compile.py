@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 MODULES = ("attention", "bias_activation", "embeddings", "layer_norm")
 #: Opt-in shared memory per block (bytes): sm_90 227 KB, sm_80 163 KB (CUDA programming guide, table of
 #: compute-capability limits). 64 K 32-bit registers per SM, at most 255 per thread.
@@ -32,19 +31,8 @@ REGISTERS_PER_SM = 65536
 MAX_REGISTERS_PER_THREAD = 255
 
 
-def _kernels_package() -> str:
-    """Import name of the kernels package: ``fastbert.kernels`` when installed, else the source tree's ``kernels``."""
-    try:
-        importlib.import_module("fastbert.kernels.attention")
-        return "fastbert.kernels"
-    except ImportError:
-        sys.path.insert(0, str(ROOT))
-        importlib.import_module("kernels.attention")
-        return "kernels"
-
-
-def _specs(package: str, module: str) -> list:
-    return importlib.import_module(f"{package}.{module}").aot_specs()
+def _specs(module: str) -> list:
+    return importlib.import_module(f"fastbert.kernels.{module}").aot_specs()
 
 
 def _resources(cubin: bytes) -> dict[str, int]:
@@ -69,13 +57,13 @@ def _resources(cubin: bytes) -> dict[str, int]:
     }
 
 
-def _compile_one(job: tuple[str, str, int, int]) -> dict:
+def _compile_one(job: tuple[str, int, int]) -> dict:
     """Compile spec ``index`` of ``module`` for compute capability ``cc``; return its resource report."""
-    package, module, index, cc = job
+    module, index, cc = job
     import triton
     from triton.backends.compiler import GPUTarget
 
-    spec = _specs(package, module)[index]
+    spec = _specs(module)[index]
     names = list(spec.signature)
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in spec.aligned}
     src = triton.compiler.ASTSource(spec.fn, spec.signature, spec.constexprs, attrs)
@@ -98,8 +86,7 @@ def compile_all(archs: list[int], processes: int = 2, modules: tuple[str, ...] =
     """Compile every spec of every kernel module for each arch (in a process pool)."""
     import multiprocessing as mp
 
-    package = _kernels_package()
-    jobs = [(package, m, i, cc) for cc in archs for m in modules for i in range(len(_specs(package, m)))]
+    jobs = [(m, i, cc) for cc in archs for m in modules for i in range(len(_specs(m)))]
     with mp.get_context("spawn").Pool(processes) as pool:
         return pool.map(_compile_one, jobs, chunksize=4)
 
@@ -113,7 +100,6 @@ def report(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("aot") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 is the compiled default
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, str(Path(__file__).resolve()), "--archs", "80,90", "--json", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     print(proc.stdout[-5000:])
@@ -124,8 +110,7 @@ def report(tmp_path_factory) -> list[dict]:
 def test_every_config_compiles(report):
     failed = [f"{r['label']} sm_{r['cc']}: {r['error']}" for r in report if "error" in r]
     assert not failed, "\n".join(failed)
-    package = _kernels_package()
-    expected = sum(len(_specs(package, m)) for m in MODULES) * 2
+    expected = sum(len(_specs(m)) for m in MODULES) * 2
     assert len(report) == expected
 
 
