@@ -1,8 +1,9 @@
 """The C++ ops (fastbert._cpp, torch.ops.fastbert.*) against fastbert.reference evaluated in float64.
 
-Tolerance (STYLE.md): error <= 2 x (plain PyTorch's error at the same dtype) + floor (fp32 1e-5, bf16 5e-2),
-both measured against the float64 reference. Every numeric test runs on both kernel tables the CPU can run
-("avx512" and the portable "base"), so the baseline build is covered on an AVX-512 machine too.
+Tolerance (STYLE.md, ``helpers.assert_2x_rule``): error <= 2 x (plain PyTorch's error at the same dtype) +
+floor (fp32 1e-5, bf16 5e-2), both measured against the float64 reference. Every numeric test runs on both kernel
+tables the CPU can run ("avx512" and the portable "base"), so the baseline build is covered on an AVX-512 machine
+too.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import assert_2x_rule, dtype_id, f64
 
 from fastbert import reference
 
@@ -19,8 +21,7 @@ _cpp = pytest.importorskip("fastbert._cpp")
 if _cpp.UNAVAILABLE_REASON is not None:
     pytest.skip(f"C++ extension not built: {_cpp.UNAVAILABLE_REASON}", allow_module_level=True)
 
-FLOOR = {torch.float32: 1e-5, torch.bfloat16: 5e-2}
-DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
+DTYPES = [pytest.param(dtype, id=dtype_id(dtype)) for dtype in (torch.float32, torch.bfloat16)]
 
 
 def _isas() -> list[str]:
@@ -41,21 +42,6 @@ def isa(request):
     _cpp.isa(request.param)
     yield request.param
     _cpp.isa(prev)
-
-
-def _f64(t):
-    return None if t is None else (t.double() if t.is_floating_point() else t)
-
-
-def assert_close(name: str, out: torch.Tensor, ref64: torch.Tensor, plain: torch.Tensor, dtype: torch.dtype):
-    """out (fused op) and plain (reference at dtype) against ref64 (reference in float64)."""
-    assert out.dtype == dtype, f"{name}: dtype {out.dtype}, expected {dtype}"
-    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)}, expected {tuple(ref64.shape)}"
-    err = (out.double() - ref64).abs().max().item() if out.numel() else 0.0
-    plain_err = (plain.double() - ref64).abs().max().item() if out.numel() else 0.0
-    tol = 2 * plain_err + FLOOR[dtype]
-    print(f"{name}: max|out-ref64| = {err:.3g}, plain {dtype} error = {plain_err:.3g}, tol = {tol:.3g}")
-    assert math.isfinite(err) and err <= tol, f"{name}: error {err:.3g} > tol {tol:.3g}"
 
 
 def _params(n: int, gen: torch.Generator, dtype=torch.float32):
@@ -91,9 +77,9 @@ def test_embeddings(isa, dtype, tokens, hidden, types):
     tt = torch.randint(0, 2, (tokens,), generator=gen) if types == "with_types" else None
     lw, lb = _params(hidden, gen)
     out = _cpp.embeddings(ids, pids, tt, word, pos, ttw, lw, lb, 1e-12)
-    ref = reference.embeddings(ids, pids, tt, _f64(word), _f64(pos), _f64(ttw), _f64(lw), _f64(lb), 1e-12)
+    ref = reference.embeddings(ids, pids, tt, f64(word), f64(pos), f64(ttw), f64(lw), f64(lb), 1e-12)
     plain = reference.embeddings(ids, pids, tt, word, pos, ttw, lw.to(dtype), lb.to(dtype), 1e-12)
-    assert_close("embeddings", out, ref, plain, dtype)
+    assert_2x_rule("embeddings", out, plain, ref, dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -116,9 +102,9 @@ def test_add_layernorm(isa, dtype, shape, layout, with_residual):
     lw, lb = _params(shape[1], gen)
     xin = _noncontig(x) if layout == "strided" else x
     out = _cpp.add_layernorm(xin, res, lw, lb, 1e-12)
-    ref = reference.add_layernorm(_f64(x), _f64(res), _f64(lw), _f64(lb), 1e-12)
+    ref = reference.add_layernorm(f64(x), f64(res), f64(lw), f64(lb), 1e-12)
     plain = reference.add_layernorm(x, res, lw.to(dtype), lb.to(dtype), 1e-12)
-    assert_close("add_layernorm", out, ref, plain, dtype)
+    assert_2x_rule("add_layernorm", out, plain, ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -131,9 +117,9 @@ def test_bias_residual_layernorm(isa, dtype, shape, with_bias):
     bias = torch.randn(shape[1], generator=gen).to(dtype) if with_bias else None
     lw, lb = _params(shape[1], gen)
     out = _cpp.bias_residual_layernorm(x, bias, res, lw, lb, 1e-12)
-    ref = reference.bias_residual_layernorm(_f64(x), _f64(bias), _f64(res), _f64(lw), _f64(lb), 1e-12)
+    ref = reference.bias_residual_layernorm(f64(x), f64(bias), f64(res), f64(lw), f64(lb), 1e-12)
     plain = reference.bias_residual_layernorm(x, bias, res, lw.to(dtype), lb.to(dtype), 1e-12)
-    assert_close("bias_residual_layernorm", out, ref, plain, dtype)
+    assert_2x_rule("bias_residual_layernorm", out, plain, ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -144,9 +130,9 @@ def test_bias_activation(isa, dtype, act, with_bias):
     x = (3 * torch.randn(97, 1023, generator=gen)).to(dtype)
     bias = torch.randn(1023, generator=gen).to(dtype) if with_bias else None
     out = _cpp.bias_activation(_noncontig(x), bias, act)
-    ref = reference.bias_activation(_f64(x), _f64(bias), act)
+    ref = reference.bias_activation(f64(x), f64(bias), act)
     plain = reference.bias_activation(x, bias, act)
-    assert_close(f"bias_activation[{act}]", out, ref, plain, dtype)
+    assert_2x_rule(f"bias_activation[{act}]", out, plain, ref, dtype)
 
 
 @pytest.mark.parametrize("act", reference.ACTIVATIONS)
@@ -184,9 +170,9 @@ def test_linear(dtype, shape, act, packed):
     b = torch.randn(n, generator=gen).to(dtype) if act != "relu" else None  # relu: also cover bias=None
     p = _cpp.prepack_linear(w) if packed else None
     out = _cpp.linear(_noncontig(x), w, b, act, packed=p)
-    ref = reference.linear(_f64(x), _f64(w), _f64(b), act)
+    ref = reference.linear(f64(x), f64(w), f64(b), act)
     plain = reference.linear(x, w, b, act)
-    assert_close(f"linear[{act}]", out, ref, plain, dtype)
+    assert_2x_rule(f"linear[{act}]", out, plain, ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -202,9 +188,9 @@ def test_linear_residual_layernorm(isa, dtype, shape, packed):
     lw, lb = _params(n, gen)
     p = _cpp.prepack_linear(w) if packed else None
     out = _cpp.linear_residual_layernorm(x, w, b, _noncontig(res), lw, lb, 1e-12, packed=p)
-    ref = reference.linear_residual_layernorm(_f64(x), _f64(w), _f64(b), _f64(res), _f64(lw), _f64(lb), 1e-12)
+    ref = reference.linear_residual_layernorm(f64(x), f64(w), f64(b), f64(res), f64(lw), f64(lb), 1e-12)
     plain = reference.linear_residual_layernorm(x, w, b, res, lw.to(dtype), lb.to(dtype), 1e-12)
-    assert_close("linear_residual_layernorm", out, ref, plain, dtype)
+    assert_2x_rule("linear_residual_layernorm", out, plain, ref, dtype)
 
 
 def test_linear_zero_tokens():
@@ -239,9 +225,9 @@ def test_attention(isa, dtype, lengths, heads, head_dim, layout):
     qkv = (2 * torch.randn(total, 3 * heads * head_dim, generator=gen)).to(dtype)
     scale = 1.0 / math.sqrt(head_dim)
     out = _cpp.attention(_noncontig(qkv) if layout == "strided" else qkv, cu, max(lengths), heads, scale)
-    ref = reference.attention(_f64(qkv), cu, max(lengths), heads, scale)
+    ref = reference.attention(f64(qkv), cu, max(lengths), heads, scale)
     plain = reference.attention(qkv, cu, max(lengths), heads, scale)
-    assert_close("attention", out, ref, plain, dtype)
+    assert_2x_rule("attention", out, plain, ref, dtype)
 
 
 def test_attention_does_not_read_other_sequences():

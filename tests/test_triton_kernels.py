@@ -2,8 +2,9 @@
 
 Without a CUDA device the kernels run on CPU tensors under TRITON_INTERPRET=1 (set by conftest.py before
 triton is imported; the interpreter does no bf16 arithmetic, so fp32 and fp16 are tested there, bf16 too on a
-GPU). Tolerance (STYLE.md): error to the float64 reference <= 2 x plain PyTorch's error at the same dtype +
-floor (fp32 1e-5, fp16 1e-2, bf16 5e-2). Shapes are small and awkward on purpose: the interpreter is slow.
+GPU). Tolerance (STYLE.md, ``helpers.assert_2x_rule``): error to the float64 reference <= 2 x plain PyTorch's
+error at the same dtype + floor (fp32 1e-5, fp16 1e-2, bf16 5e-2). Shapes are small and awkward on purpose: the
+interpreter is slow.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 if not torch.cuda.is_available():  # conftest.py does this already; kept so the file also runs on its own
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from helpers import assert_2x_rule, dtype_id, f64  # noqa: E402
+
 import fastbert  # noqa: E402
 from fastbert import ops  # noqa: E402
 from fastbert import reference as R  # noqa: E402
@@ -31,12 +34,6 @@ embeddings_mod = importlib.import_module("fastbert.kernels.embeddings")
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
-FLOOR = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-dtype_ids = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def _id(x):
-    return dtype_ids.get(x) if isinstance(x, torch.dtype) else None
 
 
 def rand(*shape, dtype=torch.float32, scale=1.0, seed=None):
@@ -44,32 +41,17 @@ def rand(*shape, dtype=torch.float32, scale=1.0, seed=None):
     return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(DEVICE, dtype)
 
 
-def f64(t):
-    return None if t is None else t.double()
-
-
-def check(name: str, fused: torch.Tensor, plain: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype) -> None:
-    """fused and plain are the triton and reference results at ``dtype``; exact is the reference in float64."""
-    assert fused.dtype == dtype and fused.shape == exact.shape, (fused.dtype, fused.shape, exact.shape)
-    assert torch.isfinite(fused).all(), f"{name}: non-finite output"
-    err = (fused.double() - exact.double()).abs().max().item() if exact.numel() else 0.0
-    base = (plain.double() - exact.double()).abs().max().item() if exact.numel() else 0.0
-    bound = 2 * base + FLOOR[dtype]
-    print(f"{name}: max|triton - fp64| = {err:.3g}, max|torch - fp64| = {base:.3g}, bound {bound:.3g}")
-    assert err <= bound
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Elementwise and row ops
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("act", [None, *R.ACTIVATIONS])
 @pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "nobias"])
 def test_bias_activation(dtype, act, has_bias):
     x = rand(37, 97, dtype=dtype, scale=3.0)  # wide range: exercises erf/tanh tails and silu's exp overflow
     b = rand(97, dtype=dtype, seed=1) if has_bias else None
-    check(
+    assert_2x_rule(
         f"bias_activation[{act}]",
         K.bias_activation(x, b, act),
         R.bias_activation(x, b, act),
@@ -84,18 +66,18 @@ def test_bias_activation_non_contiguous_and_extremes():
     x[0, :4] = torch.tensor([80.0, -80.0, 1e-4, -1e-4])  # tanh/exp saturation, and tiny values
     b = rand(98, seed=2)
     for act in R.ACTIVATIONS:
-        check(f"non-contiguous {act}", K.bias_activation(x, b, act), R.bias_activation(x, b, act),
-              R.bias_activation(f64(x), f64(b), act), torch.float32)  # fmt: skip
+        assert_2x_rule(f"non-contiguous {act}", K.bias_activation(x, b, act), R.bias_activation(x, b, act),
+                       R.bias_activation(f64(x), f64(b), act), torch.float32)  # fmt: skip
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("n_cols", [33, 768, 1023])
 @pytest.mark.parametrize("eps", [1e-12, 1e-5])
 def test_add_layernorm(dtype, n_cols, eps):
     x, res = rand(5, n_cols, dtype=dtype), rand(5, n_cols, dtype=dtype, seed=3)
     w, b = rand(n_cols, dtype=dtype, seed=4), rand(n_cols, dtype=dtype, seed=5)
     for r in (res, None):
-        check(
+        assert_2x_rule(
             f"add_layernorm(N={n_cols}, residual={r is not None})",
             K.add_layernorm(x, r, w, b, eps),
             R.add_layernorm(x, r, w, b, eps),
@@ -104,7 +86,7 @@ def test_add_layernorm(dtype, n_cols, eps):
         )
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "nobias"])
 def test_bias_residual_layernorm(dtype, has_bias):
     n = 97
@@ -112,7 +94,7 @@ def test_bias_residual_layernorm(dtype, has_bias):
     res = rand(11, n, dtype=dtype, seed=6, scale=4.0) + 10  # a large common offset: cancellation in the variance
     bias = rand(n, dtype=dtype, seed=7) if has_bias else None
     w, b = rand(n, dtype=dtype, seed=8), rand(n, dtype=dtype, seed=9)
-    check(
+    assert_2x_rule(
         "bias_residual_layernorm",
         K.bias_residual_layernorm(x, bias, res, w, b, 1e-12),
         R.bias_residual_layernorm(x, bias, res, w, b, 1e-12),
@@ -139,7 +121,7 @@ def test_layernorm_keeps_tiny_eps():
 # Embeddings
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("types", ["ids", "default", "none"])
 @pytest.mark.parametrize("width", [48, 97])
 def test_embeddings(dtype, types, width):
@@ -153,7 +135,7 @@ def test_embeddings(dtype, types, width):
     type_table = rand(2, width, dtype=dtype, seed=14) if types != "none" else None
     w, b = rand(width, dtype=dtype, seed=15), rand(width, dtype=dtype, seed=16)
     args = (ids, pos, tt)
-    check(
+    assert_2x_rule(
         f"embeddings(types={types})",
         K.embeddings(*args, word, position, type_table, w, b, 1e-12),
         R.embeddings(*args, word, position, type_table, w, b, 1e-12),
@@ -168,7 +150,7 @@ def test_embeddings_int32_ids():
     word, position, w, b = rand(10, 32, seed=1), rand(8, 32, seed=2), rand(32, seed=3), rand(32, seed=4)
     got = K.embeddings(ids, pos, None, word, position, None, w, b, 1e-5)
     exact = R.embeddings(ids.long(), pos.long(), None, f64(word), f64(position), None, f64(w), f64(b), 1e-5)
-    check("embeddings(int32 ids)", got, got, exact, torch.float32)
+    assert_2x_rule("embeddings(int32 ids)", got, got, exact, torch.float32)
 
 
 @pytest.mark.parametrize(
@@ -189,21 +171,21 @@ def test_embeddings_rejects_out_of_range_ids(which, bad):
 # Linear layers (cuBLAS/torch matmul + fused epilogue)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("act", [None, "gelu", "gelu_tanh"])
 def test_linear(dtype, act):
     x, w, b = rand(13, 40, dtype=dtype), rand(72, 40, dtype=dtype, seed=1, scale=0.2), rand(72, dtype=dtype, seed=2)
     assert K.prepack_linear(w) is None
-    check(
+    assert_2x_rule(
         f"linear[{act}]", K.linear(x, w, b, act), R.linear(x, w, b, act), R.linear(f64(x), f64(w), f64(b), act), dtype
     )
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_linear_residual_layernorm(dtype):
     x, w, b = rand(13, 40, dtype=dtype), rand(72, 40, dtype=dtype, seed=1, scale=0.2), rand(72, dtype=dtype, seed=2)
     res, g, beta = rand(13, 72, dtype=dtype, seed=3), rand(72, dtype=dtype, seed=4), rand(72, dtype=dtype, seed=5)
-    check(
+    assert_2x_rule(
         "linear_residual_layernorm",
         K.linear_residual_layernorm(x, w, b, res, g, beta, 1e-12),
         R.linear_residual_layernorm(x, w, b, res, g, beta, 1e-12),
@@ -224,7 +206,7 @@ def _attention_case(dtype, head_dim, num_heads, lengths, stride_pad=0, seed=0):
     return qkv, cu.to(DEVICE)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize(
     "head_dim,num_heads,lengths",
     [
@@ -241,7 +223,7 @@ def test_attention(dtype, head_dim, num_heads, lengths):
     qkv, cu = _attention_case(dtype, head_dim, num_heads, lengths, stride_pad=5)
     scale = 1.0 / math.sqrt(head_dim)
     max_len = max(lengths)
-    check(
+    assert_2x_rule(
         f"attention(d={head_dim}, lengths={lengths})",
         K.attention(qkv, cu, max_len, num_heads, scale),
         R.attention(qkv, cu, max_len, num_heads, scale),
