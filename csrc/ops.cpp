@@ -287,7 +287,9 @@ static at::Tensor gemm(const at::Tensor& x, const at::Tensor& weight, const std:
                        const std::optional<at::Tensor>& packed) {
   const bool use_packed = packed.has_value() && packed->defined();
   const auto& op = onednn_linear_op();
-  if (op.has_value() && (x.scalar_type() != at::kBFloat16 || onednn_bf16_supported())) {
+  // in_features == 0: the product is all zeros (plus bias); oneDNN cannot build an empty reduction.
+  const bool onednn_ok = x.size(1) > 0 && (x.scalar_type() != at::kBFloat16 || onednn_bf16_supported());
+  if (op.has_value() && onednn_ok) {
     const char* attr = "none";
     const char* alg = "";
     switch (act) {
@@ -323,6 +325,9 @@ static void check_linear_args(const at::Tensor& x, const at::Tensor& weight, con
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "fastbert: bias must have shape (",
                 weight.size(0), ",), got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == weight.scalar_type(), "fastbert: bias dtype ", bias->scalar_type(),
+                " does not match weight dtype ", weight.scalar_type());
+    TORCH_CHECK(bias->device() == x.device(), "fastbert: bias is on ", bias->device(), " but x is on ", x.device());
   }
   if (packed.has_value() && packed->defined()) {
     TORCH_CHECK(packed->sizes() == weight.sizes(), "fastbert: packed weight shape ", packed->sizes(),
@@ -446,10 +451,10 @@ TORCH_LIBRARY(fastbert, m) {
   m.def(
       "bias_residual_layernorm(Tensor x, Tensor? bias, Tensor residual, Tensor ln_weight, Tensor ln_bias, "
       "float eps) -> Tensor");
-  m.def("linear(Tensor x, Tensor weight, Tensor? bias, str? act, Tensor? packed) -> Tensor");
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias, str? act=None, Tensor? packed=None) -> Tensor");
   m.def(
       "linear_residual_layernorm(Tensor x, Tensor weight, Tensor? bias, Tensor residual, Tensor ln_weight, "
-      "Tensor ln_bias, float eps, Tensor? packed) -> Tensor");
+      "Tensor ln_bias, float eps, Tensor? packed=None) -> Tensor");
   m.def("attention(Tensor qkv, Tensor cu_seqlens, int max_seqlen, int num_heads, float scale) -> Tensor");
   m.def("_set_isa(str name) -> str", &fastbert::set_isa);
 }

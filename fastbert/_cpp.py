@@ -10,6 +10,7 @@ GEMMs run in oneDNN (through torch's ``mkldnn::_linear_pointwise``) on weights p
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -26,8 +27,31 @@ except Exception as exc:  # ImportError, or an extension built against another t
 if UNAVAILABLE_REASON is None:
     _ops = torch.ops.fastbert
 
-    # Shapes only, so that torch.compile / FakeTensor can trace through the ops.
-    @torch.library.register_fake("fastbert::embeddings")
+    def _fake(name: str):
+        """Register a shapes-only implementation (torch.compile / FakeTensor tracing, meta tensors).
+
+        A direct call that mixes meta and real tensors also lands here; it is refused instead of returning
+        uninitialised memory on the real tensors' device.
+        """
+
+        def register(fn):
+            @functools.wraps(fn)
+            def checked(*args):
+                tensors = [a for a in args if isinstance(a, Tensor)]
+                if any(t.is_meta for t in tensors) and not all(t.is_meta for t in tensors):
+                    devices = ", ".join(str(t.device) for t in tensors)
+                    raise ValueError(
+                        f"fastbert::{name} got meta tensors mixed with real ones ({devices}); pass all of them on one "
+                        "device"
+                    )
+                return fn(*args)
+
+            torch.library.register_fake(f"fastbert::{name}")(checked)
+            return fn
+
+        return register
+
+    @_fake("embeddings")
     def _embeddings_fake(
         input_ids,
         position_ids,
@@ -41,37 +65,39 @@ if UNAVAILABLE_REASON is None:
     ):
         return word_weight.new_empty(input_ids.shape[0], word_weight.shape[1])
 
-    @torch.library.register_fake("fastbert::add_layernorm")
+    @_fake("add_layernorm")
     def _add_layernorm_fake(x, residual, ln_weight, ln_bias, eps):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
-    @torch.library.register_fake("fastbert::bias_activation")
+    @_fake("bias_activation")
     def _bias_activation_fake(x, bias, act):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
-    @torch.library.register_fake("fastbert::bias_residual_layernorm")
+    @_fake("bias_residual_layernorm")
     def _bias_residual_layernorm_fake(x, bias, residual, ln_weight, ln_bias, eps):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
-    @torch.library.register_fake("fastbert::linear")
-    def _linear_fake(x, weight, bias, act, packed):
+    @_fake("linear")
+    def _linear_fake(x, weight, bias, act=None, packed=None):
         return x.new_empty(x.shape[0], weight.shape[0])
 
-    @torch.library.register_fake("fastbert::linear_residual_layernorm")
-    def _linear_residual_layernorm_fake(x, weight, bias, residual, ln_weight, ln_bias, eps, packed):
+    @_fake("linear_residual_layernorm")
+    def _linear_residual_layernorm_fake(x, weight, bias, residual, ln_weight, ln_bias, eps, packed=None):
         return x.new_empty(x.shape[0], weight.shape[0])
 
-    @torch.library.register_fake("fastbert::attention")
+    @_fake("attention")
     def _attention_fake(qkv, cu_seqlens, max_seqlen, num_heads, scale):
         return qkv.new_empty(qkv.shape[0], qkv.shape[1] // 3)
 
-    # Ops whose schema (csrc/ops.cpp) is the contract's signature, names and order, with no defaults to add:
-    # the torch ops themselves, no Python wrapper per call. The schema takes any Python / numpy number for a
-    # ``float`` and an integer for an ``int``, so no casts are needed either.
+    # Every op's schema (csrc/ops.cpp) is the contract's signature, names, order and defaults: the backend's
+    # functions are the torch ops themselves, no Python wrapper per call. The schema takes any Python / numpy
+    # number for a ``float`` and an integer for an ``int``, so no casts are needed either.
     embeddings = _ops.embeddings
     add_layernorm = _ops.add_layernorm
     bias_activation = _ops.bias_activation
     bias_residual_layernorm = _ops.bias_residual_layernorm
+    linear = _ops.linear
+    linear_residual_layernorm = _ops.linear_residual_layernorm
     attention = _ops.attention
 
 
@@ -97,46 +123,32 @@ def native_bf16() -> bool:
     return False
 
 
+def warn_if_emulated_bf16() -> None:
+    """Warn once when bfloat16 runs on a CPU without bfloat16 matrix instructions (see ``native_bf16``)."""
+    global _warned_bf16
+    if not _warned_bf16 and not native_bf16():
+        _warned_bf16 = True
+        warnings.warn(
+            "fastbert: this CPU has no bfloat16 matrix instructions (AVX512-BF16 / AMX): bfloat16 GEMMs are "
+            "emulated and run slower than float32; use dtype=torch.float32 here",
+            stacklevel=4,
+        )
+
+
 def prepack_linear(weight: Tensor) -> Any:
     """The (N, K) weight reordered once into oneDNN's blocked layout (an MkldnnCPU tensor), or None.
 
-    None (the ops then read ``weight`` directly) when this torch has no oneDNN or the weight is not a float32 /
-    bfloat16 CPU tensor; the C++ ops raise the clear error for such weights themselves.
+    None (the ops then read ``weight`` directly) when this torch has no oneDNN, the weight is not a float32 /
+    bfloat16 CPU tensor (the C++ ops raise the clear error for such weights themselves), or it is bfloat16 on a
+    CPU where oneDNN has no bfloat16 path (AVX2 only: the ops then run at::linear).
     """
     if not torch.backends.mkldnn.is_available() or weight.device.type != "cpu":
         return None
     if weight.dtype not in (torch.float32, torch.bfloat16) or weight.dim() != 2:
         return None
-    global _warned_bf16
-    if weight.dtype == torch.bfloat16 and not _warned_bf16 and not native_bf16():
-        _warned_bf16 = True
-        warnings.warn(
-            "fastbert: this CPU has no bfloat16 matrix instructions (AVX512-BF16 / AMX): bfloat16 GEMMs are "
-            "emulated and run slower than float32; use dtype=torch.float32 here",
-            stacklevel=3,
-        )
+    if weight.dtype == torch.bfloat16:
+        warn_if_emulated_bf16()
+    if weight.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
     with torch.no_grad():
         return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
-
-
-# linear and linear_residual_layernorm keep a wrapper for one reason: the contract gives ``act`` and ``packed``
-# defaults (None) that the op schemas do not have.
-
-
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None, act: str | None = None, packed: Any = None) -> Tensor:
-    """act(x @ weight.T + bias); see ``fastbert.reference.linear``. ``packed`` comes from ``prepack_linear``."""
-    return _ops.linear(x, weight, bias, act, packed)
-
-
-def linear_residual_layernorm(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    residual: Tensor,
-    ln_weight: Tensor,
-    ln_bias: Tensor,
-    eps: float,
-    packed: Any = None,
-) -> Tensor:
-    """LayerNorm(x @ weight.T + bias + residual); see ``fastbert.reference.linear_residual_layernorm``."""
-    return _ops.linear_residual_layernorm(x, weight, bias, residual, ln_weight, ln_bias, eps, packed)

@@ -239,8 +239,8 @@ class AutoModelForMaskedLM(_Head):
         ops, head = self.backend, self.head
         h = head.dense(packed, ops, act=head.act)
         h = ops.add_layernorm(h, None, head.norm.weight, head.norm.bias, head.norm.eps)
-        weight, _, packed_w = head.decoder.resolved(ops)
-        return ops.linear(h, weight, head.bias, None, packed=packed_w)  # (T, vocab)
+        weight, _ = head.decoder.resolved()
+        return ops.linear(h, weight, head.bias, None)  # (T, vocab)
 
     def loss(self, logits: Tensor, targets: tuple[Tensor | None, ...]) -> Tensor:
         labels = targets[0].to(logits.device)

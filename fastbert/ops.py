@@ -162,15 +162,22 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 _warned_cpp = False
 
 
-def resolve_backend(name: str | None, device: torch.device | str) -> Backend:
-    """Pick the backend for a model on ``device``.
+def resolve_backend(name: str | None, device: torch.device | str, dtype: torch.dtype | None = None) -> Backend:
+    """Pick the backend for a model on ``device`` (with parameters of ``dtype``, when given).
 
     ``name`` None or "auto" reads ``FASTBERT_BACKEND`` and otherwise picks triton on CUDA, cpp on CPU when
     the extension loaded, torch elsewhere. An explicit name that cannot be honoured raises
-    ``BackendUnavailable`` with the reason; nothing falls back silently.
+    ``BackendUnavailable`` with the reason; nothing falls back silently. The cpp backend warns once when
+    bfloat16 would be emulated on this CPU (slower than float32).
     """
+    backend = _pick(name, torch.device(device))
+    if backend.name == "cpp" and dtype == torch.bfloat16:
+        backend.module.warn_if_emulated_bf16()
+    return backend
+
+
+def _pick(name: str | None, dev: torch.device) -> Backend:
     global _warned_cpp
-    dev = torch.device(device)
     if name in (None, "auto"):
         name = os.environ.get("FASTBERT_BACKEND") or "auto"
     if name != "auto":
@@ -186,5 +193,5 @@ def resolve_backend(name: str | None, device: torch.device | str) -> Backend:
             return Backend("cpp", _import("cpp")[0])
         if not _warned_cpp:
             _warned_cpp = True
-            warnings.warn(f"fastbert: C++ backend unavailable, using the torch backend: {reason}", stacklevel=3)
+            warnings.warn(f"fastbert: C++ backend unavailable, using the torch backend: {reason}", stacklevel=4)
     return Backend("torch", reference)

@@ -1,8 +1,9 @@
 """optimize(hf_model): run an existing transformers model through fastbert, in place and reversibly.
 
 The transformers object stays what it was (save_pretrained, pipelines, Trainer keep working): its base model
-(``model.bert``, ``model.roberta``, ...) gets a fastbert encoder built over the *same* parameter tensors (Q/K/V
-are concatenated into a derived cache, rebuilt if a parameter changes) and its ``forward`` is routed there.
+(``model.bert``, ``model.roberta``, ...) gets a fastbert encoder built over the *same* parameter tensors (the
+Q/K/V parameters become views of one fused weight, so nothing is copied and no write to them can be missed) and
+its ``forward`` is routed there.
 Heads stay transformers' own modules. ``restore(model)`` undoes it.
 """
 
@@ -53,7 +54,7 @@ def _shared_encoder(base: nn.Module, backend: str) -> AutoModel:
             _set(enc, ours, param)
     for n, layer in enumerate(enc.layers):
         p = qkv[n]
-        layer.qkv = Linear.shared([(p[f"{x}.weight"], p.get(f"{x}.bias")) for x in "qkv"])
+        layer.qkv = Linear.fused([(p[f"{x}.weight"], p.get(f"{x}.bias")) for x in "qkv"])
     left = [name for name, t in enc.named_parameters() if t.is_meta]
     if left:
         raise loading.CheckpointError(f"optimize(): {type(base).__name__} lacks parameters for {left[:5]}")

@@ -155,3 +155,63 @@ def test_4d_mask_with_seqlen_zero(model):
 def test_meta_ids_refused(model):
     with pytest.raises(ValueError, match="meta tensor"):
         model(input_ids=torch.zeros(1, 3, dtype=torch.long, device="meta"))
+
+
+# -- no stale weights: writes through .data (which does not bump the version counter) reach the next forward --
+
+
+def test_data_writes_reach_fastbert_models(bert_path, model):
+    import transformers
+
+    hf = transformers.AutoModel.from_pretrained(bert_path, attn_implementation="eager").eval()
+    fb = fastbert.AutoModel.from_pretrained(bert_path, backend=model.backend.name)
+    ids, mask = random_batch("bert", [5, 3])
+    with torch.no_grad():
+        before = fb(input_ids=ids, attention_mask=mask).last_hidden_state
+        delta = torch.randn_like(fb.layers[0].attn_out.weight) * 0.05
+        fb.layers[0].qkv.weight.data.mul_(0)  # the reproducer: the next forward returned exactly `before`
+        fb.layers[1].attn_out.weight.data += delta  # PEFT's LoRA merge
+        for x in (hf.encoder.layer[0].attention.self.query, hf.encoder.layer[0].attention.self.key):
+            x.weight.data.mul_(0)
+        hf.encoder.layer[0].attention.self.value.weight.data.mul_(0)
+        hf.encoder.layer[1].attention.output.dense.weight.data += delta
+        after = fb(input_ids=ids, attention_mask=mask).last_hidden_state
+        ref = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+    valid = mask.bool()
+    assert not torch.equal(after, before)
+    assert (after[valid] - ref[valid]).abs().max() < 1e-4
+
+
+def test_data_writes_reach_optimized_transformers_models(bert_path):
+    import transformers
+
+    hf = transformers.AutoModel.from_pretrained(bert_path, attn_implementation="eager").eval()
+    ids, mask = random_batch("bert", [6, 2])
+    fastbert.optimize(hf)
+    attn = hf.encoder.layer[0].attention.self
+    with torch.no_grad():
+        before = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+        attn.query.weight.data.normal_()  # the reproducer: changed nothing
+        attn.value.bias.data.add_(0.5)
+        hf.encoder.layer[1].output.dense.weight.data.mul_(0.5)
+        changed = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+        attn.key.weight.data = torch.randn_like(attn.key.weight)  # re-pointed at new storage
+        repointed = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+        fastbert.restore(hf)
+        ref = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+    valid = mask.bool()
+    assert not torch.equal(changed, before) and not torch.equal(repointed, changed)
+    assert (repointed[valid] - ref[valid]).abs().max() < 1e-4
+
+
+def test_optimize_keeps_one_copy_of_qkv(bert_path):
+    """Q, K and V become views of the fused weight: no concatenated copy beside transformers' parameters."""
+    import transformers
+
+    hf = transformers.AutoModel.from_pretrained(bert_path).eval()
+    fastbert.optimize(hf)
+    with torch.no_grad():
+        hf(input_ids=torch.tensor([[5, 6, 7]]))
+    attn = hf.encoder.layer[0].attention.self
+    storages = {p.untyped_storage().data_ptr() for p in (attn.query.weight, attn.key.weight, attn.value.weight)}
+    assert len(storages) == 1
