@@ -20,13 +20,13 @@ install-test: torch
 bench: install
 	$(PY) -m fastbert.cli bench
 
-test: install-test
+test: install-test lint
 	FASTBERT_REQUIRE_CPP=1 $(PY) -m pytest tests -q -ra
 	FASTBERT_BENCH_TINY=1 $(PY) -m pytest benchmarks -q --benchmark-disable -p no:cacheprovider
 
 lint:
-	ruff check fastbert kernels tests benchmarks
-	ruff format --check fastbert kernels tests benchmarks
+	$(PY) -m ruff check fastbert kernels tests benchmarks setup.py
+	$(PY) -m ruff format --check fastbert kernels tests benchmarks setup.py
 
 clean:
 	rm -rf build dist *.egg-info fastbert/_C*.so
