@@ -26,6 +26,7 @@ import pytest
 import torch
 import transformers
 from checkpoints import make_checkpoint
+from helpers import AVAILABLE_BACKENDS
 
 import fastbert
 
@@ -35,7 +36,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 EXAMPLES = int(os.environ.get("FASTBERT_FUZZ_EXAMPLES", "0"))
 SEED = int(os.environ.get("FASTBERT_FUZZ_SEED", "0"))
-BACKENDS = fastbert.available_backends("cpu")
+BACKENDS = AVAILABLE_BACKENDS
 FAMILIES = ("bert", "roberta", "distilbert", "electra")
 VOCAB, MAX_LEN, HIDDEN = 99, 24, 32
 ATOL = 1e-4  # STYLE.md: model level against transformers eager in fp32

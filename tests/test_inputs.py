@@ -6,10 +6,9 @@ import pytest
 import torch
 import transformers
 from checkpoints import make_checkpoint, random_batch
+from helpers import CPU_BACKENDS
 
 import fastbert
-
-CPU_BACKENDS = [b for b in ("torch", "cpp") if b in fastbert.available_backends("cpu")]
 
 
 @pytest.fixture(scope="module", params=CPU_BACKENDS)

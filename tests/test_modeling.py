@@ -11,11 +11,11 @@ import pytest
 import torch
 import transformers
 from checkpoints import make_checkpoint, random_batch
+from helpers import CPU_BACKENDS
 
 import fastbert
 
 ATOL = 1e-4  # STYLE.md: model level against transformers eager in fp32 (~1e-4)
-CPU_BACKENDS = [b for b in ("torch", "cpp") if b in fastbert.available_backends("cpu")]
 
 
 def test_cpp_backend_present_when_required():

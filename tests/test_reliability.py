@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from checkpoints import make_checkpoint, random_batch
+from helpers import AVAILABLE_BACKENDS
 
 import fastbert
 from fastbert import padding
 
-BACKENDS = fastbert.available_backends("cpu")
+BACKENDS = AVAILABLE_BACKENDS
 
 
 @pytest.fixture(scope="module")
