@@ -1,4 +1,10 @@
-"""optimize(hf_model): run an existing transformers model through fastbert, in place and reversibly.
+"""optimize(model): run an existing transformers or sentence-transformers model through fastbert, in place and
+reversibly.
+
+A ``sentence_transformers.SentenceTransformer`` or ``sentence_transformers.CrossEncoder`` is optimised through the
+transformers model(s) it holds (its ``Transformer`` module's ``auto_model``); the sentence-transformers object, its
+pooling, prompts and ``encode``/``predict`` stay its own. sentence-transformers is never imported here: its objects
+are recognised by class name and module.
 
 The transformers object stays what it was (save_pretrained, pipelines, Trainer keep working): its base model
 (``model.bert``, ``model.roberta``, ...) gets a fastbert encoder built over the *same* parameter tensors (the
@@ -10,6 +16,7 @@ Heads stay transformers' own modules. ``restore(model)`` undoes it.
 from __future__ import annotations
 
 import types
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -21,10 +28,63 @@ from .modeling import AutoModel, Linear
 _ATTR = "_fastbert_encoder"
 
 
+#: What optimize() accepts, for error messages.
+SUPPORTED = (
+    "a transformers PreTrainedModel of a supported family (BERT, RoBERTa, XLM-R, DistilBERT, ELECTRA, MiniLM/BGE/E5 "
+    "and their task heads), a sentence_transformers.SentenceTransformer, or a sentence_transformers.CrossEncoder"
+)
+
+#: sentence-transformers classes whose transformers models optimize() reaches.
+_ST_CLASSES = ("SentenceTransformer", "CrossEncoder")
+
+
+def _is_sentence_transformers(obj: object) -> bool:
+    """A SentenceTransformer / CrossEncoder (or a subclass), recognised without importing sentence_transformers."""
+    return any(
+        cls.__name__ in _ST_CLASSES and cls.__module__.split(".")[0] == "sentence_transformers"
+        for cls in type(obj).__mro__
+    )
+
+
+def _is_transformers_model(obj: object) -> bool:
+    return any(
+        cls.__name__ == "PreTrainedModel" and cls.__module__.split(".")[0] == "transformers"
+        for cls in type(obj).__mro__
+    )
+
+
+def _transformers_models(st_model: nn.Module) -> list[nn.Module]:
+    """The transformers models inside a sentence-transformers object (outermost ones; usually exactly one)."""
+
+    def walk(module: nn.Module) -> Iterator[nn.Module]:
+        for child in module.children():
+            if _is_transformers_model(child):
+                yield child
+            else:
+                yield from walk(child)
+
+    found = list(walk(st_model))
+    if not found:
+        raise TypeError(
+            f"optimize(): this {type(st_model).__name__} holds no transformers model (an ONNX/OpenVINO backend or "
+            f"static embeddings?); fastbert optimises {SUPPORTED}"
+        )
+    return found
+
+
+def _targets(model: object) -> list[nn.Module]:
+    """The transformers models optimize()/restore()/is_optimized() act on."""
+    if _is_sentence_transformers(model):
+        return _transformers_models(model)  # type: ignore[arg-type]
+    if isinstance(model, nn.Module) and _is_transformers_model(model):
+        return [model]
+    raise TypeError(f"optimize() takes {SUPPORTED}; got {type(model).__module__}.{type(model).__qualname__}")
+
+
 def _base_of(model: nn.Module) -> nn.Module:
     base = getattr(model, "base_model", model)
     if getattr(base, "config", None) is None:
-        raise TypeError(f"optimize() takes a transformers PreTrainedModel, got {type(model).__name__}")
+        raise TypeError(f"optimize() takes {SUPPORTED}; got {type(model).__name__} without a config")
     return base
 
 
@@ -69,26 +129,38 @@ def _fast_forward(self, *args, **kwargs):
 
 
 def optimize(model: nn.Module, backend: str = "auto") -> nn.Module:
-    """Make a transformers BERT-family model run on fastbert's fused, padding-free path; returns the same object.
+    """Make a BERT-family model run on fastbert's fused, padding-free path; returns the same object.
 
-    Parameters are shared, not copied. Outputs keep transformers' classes. Call ``restore(model)`` to undo.
+    ``model`` is a transformers PreTrainedModel (its base model is optimised, heads stay transformers'), or a
+    sentence-transformers ``SentenceTransformer`` / ``CrossEncoder`` (the transformers model inside it is; its
+    ``encode`` / ``predict`` / ``similarity`` are unchanged). Parameters are shared, not copied. Outputs keep
+    transformers' classes. Call ``restore(model)`` to undo. Anything else raises TypeError naming what is supported.
     """
-    base = _base_of(model)
-    if _ATTR in base.__dict__:
-        return model
-    enc = _shared_encoder(base, backend)
-    object.__setattr__(base, _ATTR, enc)  # not a submodule: stays out of state_dict / save_pretrained
-    base.forward = types.MethodType(_fast_forward, base)
+    targets = _targets(model)
+    for target in targets:
+        _optimize_one(target, backend)
     return model
 
 
-def restore(model: nn.Module) -> nn.Module:
-    """Undo ``optimize``: the model runs transformers' own forward again."""
+def _optimize_one(model: nn.Module, backend: str) -> None:
     base = _base_of(model)
-    base.__dict__.pop(_ATTR, None)
-    base.__dict__.pop("forward", None)
+    if _ATTR in base.__dict__:
+        return
+    enc = _shared_encoder(base, backend)
+    object.__setattr__(base, _ATTR, enc)  # not a submodule: stays out of state_dict / save_pretrained
+    base.forward = types.MethodType(_fast_forward, base)
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Undo ``optimize``: the model (or the transformers model inside a sentence-transformers one) runs transformers'
+    own forward again."""
+    for target in _targets(model):
+        base = _base_of(target)
+        base.__dict__.pop(_ATTR, None)
+        base.__dict__.pop("forward", None)
     return model
 
 
 def is_optimized(model: nn.Module) -> bool:
-    return _ATTR in _base_of(model).__dict__
+    """True when ``optimize`` has been applied (to every transformers model inside a sentence-transformers one)."""
+    return all(_ATTR in _base_of(t).__dict__ for t in _targets(model))
