@@ -29,6 +29,13 @@ from . import reference
 
 BACKENDS = ("torch", "cpp", "triton")
 
+#: The parameter dtypes each fused backend computes in; the torch backend (``fastbert.reference``) runs any dtype.
+#: ``auto`` skips a backend that does not support the model's dtype (float16 on a CPU runs on torch).
+DTYPES: dict[str, tuple[torch.dtype, ...]] = {
+    "cpp": (torch.float32, torch.bfloat16),
+    "triton": (torch.float16, torch.bfloat16, torch.float32),
+}
+
 
 class BackendOps(Protocol):
     """The backend contract: the fused ops every backend module provides, with these names and signatures.
@@ -128,10 +135,21 @@ def _import(name: str) -> tuple[ModuleType | None, str]:
     return (None, reason) if reason else (module, "")
 
 
-def unavailable_reason(name: str, device: torch.device | str | None = None) -> str | None:
-    """Why backend ``name`` cannot run on ``device`` (None when it can)."""
+def unavailable_reason(
+    name: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> str | None:
+    """Why backend ``name`` cannot run on ``device`` with parameters of ``dtype`` (None when it can).
+
+    ``device`` / ``dtype`` None: not checked.
+    """
     if name not in BACKENDS:
         return f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or 'auto'"
+    if dtype is not None and name in DTYPES and dtype not in DTYPES[name]:
+        supported = ", ".join(str(d).removeprefix("torch.") for d in DTYPES[name])
+        return (
+            f"the {name} backend computes in {supported}, not {str(dtype).removeprefix('torch.')} "
+            "(backend='torch' or 'auto' runs any dtype)"
+        )
     dev = torch.device(device) if device is not None else None
     if name == "cpp" and dev is not None and dev.type != "cpu":
         return f"the cpp backend runs on CPU tensors, not {dev.type}"
@@ -166,25 +184,29 @@ def resolve_backend(name: str | None, device: torch.device | str, dtype: torch.d
     """Pick the backend for a model on ``device`` (with parameters of ``dtype``, when given).
 
     ``name`` None or "auto" reads ``FASTBERT_BACKEND`` and otherwise picks triton on CUDA, cpp on CPU when
-    the extension loaded, torch elsewhere. An explicit name that cannot be honoured raises
-    ``BackendUnavailable`` with the reason; nothing falls back silently. The cpp backend warns once when
-    bfloat16 would be emulated on this CPU (slower than float32).
+    the extension loaded, torch elsewhere, skipping a backend that does not compute in ``dtype`` (``DTYPES``:
+    float16 on a CPU, float64 anywhere run on torch). An explicit name that cannot be honoured (device or
+    dtype) raises ``BackendUnavailable`` with the reason; nothing falls back silently. The cpp backend warns
+    once when bfloat16 would be emulated on this CPU (slower than float32).
     """
-    backend = _pick(name, torch.device(device))
+    backend = _pick(name, torch.device(device), dtype)
     if backend.name == "cpp" and dtype == torch.bfloat16:
         backend.module.warn_if_emulated_bf16()
     return backend
 
 
-def _pick(name: str | None, dev: torch.device) -> Backend:
+def _pick(name: str | None, dev: torch.device, dtype: torch.dtype | None) -> Backend:
     global _warned_cpp
     if name in (None, "auto"):
         name = os.environ.get("FASTBERT_BACKEND") or "auto"
     if name != "auto":
-        reason = unavailable_reason(name, dev)
+        reason = unavailable_reason(name, dev, dtype)
         if reason is not None:
             raise BackendUnavailable(f"backend {name!r} is not available: {reason}")
         return Backend(name, _import(name)[0] if name != "torch" else reference)
+    native = {"cuda": "triton", "cpu": "cpp"}.get(dev.type)
+    if native is not None and dtype is not None and dtype not in DTYPES[native]:
+        return Backend("torch", reference)  # the dtype, not the build, rules the fused backend out: no warning
     if dev.type == "cuda" and unavailable_reason("triton", dev) is None:
         return Backend("triton", _import("triton")[0])
     if dev.type == "cpu":
