@@ -1,27 +1,27 @@
-"""Text in, vectors out: sentence-transformers folders and cross-encoders on fastbert encoders.
+"""Text in, vectors out: sentence-transformers folders on fastbert encoders.
 
 The path from text to the encoder never builds a padded tensor: ``tokenizers`` turns a chunk of texts into
-token ids (multi-threaded, in Rust), the texts are sorted by token count and cut into batches by a token budget
-(``fastbert.tokenize``), and each batch goes to ``model.forward_batch`` as one ``fastbert.inputs.PackedBatch``.
-Pooling is a segment reduction over ``cu_seqlens`` (``fastbert.pooling``).
+token ids (multi-threaded, in Rust), the texts are sorted by token count and cut into batches of ``batch_size``
+texts (``fastbert.tokenize``; ``max_tokens_per_batch`` also caps the tokens per call), and each batch goes to
+``model.forward_batch`` as one ``fastbert.inputs.PackedBatch``. Pooling is a segment reduction over
+``cu_seqlens`` (``fastbert.pooling``).
 
 ``SentenceEncoder`` reads what ``sentence_transformers.SentenceTransformer`` reads: ``modules.json``, the
 pooling config (legacy ``pooling_mode_*_tokens`` keys and the newer ``pooling_mode``), ``Dense`` and
-``Normalize`` modules, ``sentence_bert_config.json`` (``max_seq_length``, ``do_lower_case``) and the prompts of
-``config_sentence_transformers.json``, and reproduces ``SentenceTransformer.encode``. ``CrossEncoder`` scores
-text pairs with a sequence-classification checkpoint like ``sentence_transformers.CrossEncoder.predict``.
-
-Both share one loader (``_load``: model + tokenizer limited to the model's positions) and one batching loop
-(``_TextModel._run``: tokenise -> token-budget batches -> pack -> model -> rows back in input order).
+``Normalize`` modules, ``sentence_bert_config.json`` (``max_seq_length``, ``do_lower_case``) and the prompts and
+``similarity_fn_name`` of ``config_sentence_transformers.json``, and reproduces ``SentenceTransformer.encode``
+(``precision``, ``truncate_dim``, ``output_value``, ``device``), ``similarity`` and ``tokenize``.
+``CrossEncoder`` (``fastbert.cross_encoder``, re-exported here) scores text pairs like
+``sentence_transformers.CrossEncoder``. The loader and batching loop both use live in ``fastbert.text_model``;
+quantisation and similarity functions in ``fastbert.vectors``.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,219 +29,32 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._memory import release_free_memory
 from .config import sequence_length_limit
-from .heads import AutoModelForSequenceClassification
+from .cross_encoder import CrossEncoder
 from .inputs import PackedBatch
 from .loading import read_state_dict
 from .modeling import AutoModel
 from .pooling import PoolingConfig, pool
-from .tokenize import TextTokenizer, read_json, read_json_if_exists, token_budget_batches
+from .text_model import _check_texts, _load, _resolve_folder, _TextModel, _to_numpy, _torch_activation
+from .tokenize import TextTokenizer, read_json, read_json_if_exists
+from .vectors import PRECISIONS, SIMILARITY_FUNCTIONS, quantize_embeddings, similarity_name
+
+__all__ = ["CrossEncoder", "SentenceEncoder"]
 
 logger = logging.getLogger(__name__)
 
-#: Texts tokenized at once; bounds the memory taken by ``tokenizers.Encoding`` objects for huge inputs.
-_TOKENIZE_CHUNK = 16384
+#: Prompts every SentenceTransformer has (sentence-transformers 6): empty unless the folder's config sets them,
+#: so ``prompt_name="query"`` works on any model and ``encode_query`` never falls back to ``default_prompt_name``.
+_DEFAULT_PROMPTS = {"query": "", "document": ""}
 
-#: Default token budget per encoder call, per unit of ``batch_size`` (32 -> 4096 tokens).
-_TOKENS_PER_BATCH_ITEM = 128
-
-_HUB_IGNORE = ["*.onnx", "onnx/*", "openvino/*", "*.h5", "*.msgpack", "*.ot", "tf_model*", "flax_model*", "rust_model*"]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The loader both encoders share
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _resolve_folder(path_or_id: str) -> str:
-    """A local folder as is; otherwise a hub id downloaded (or found in the cache) by huggingface_hub."""
-    path = os.fspath(path_or_id)
-    if os.path.isdir(path):
-        return path
-    if os.path.exists(path):
-        raise NotADirectoryError(f"{path!r} is a file; expected a model folder or a hub id")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as exc:
-        raise FileNotFoundError(
-            f"{path!r} is not a local folder, and huggingface_hub (needed to download hub ids) is not installed"
-        ) from exc
-    try:
-        return snapshot_download(repo_id=path, ignore_patterns=_HUB_IGNORE)
-    except Exception as exc:
-        raise FileNotFoundError(f"{path!r} is not a local folder and could not be fetched from the hub: {exc}") from exc
-
-
-def _parse_dtype(dtype: Any) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    names = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-        "half": torch.float16,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-    }
-    if isinstance(dtype, str) and dtype.lower() in names:
-        return names[dtype.lower()]
-    raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(names)} or a torch.dtype")
-
-
-def _load(
-    model_class: Any,
-    folder: str,
-    device: torch.device | str | None,
-    dtype: torch.dtype | str | None,
-    backend: str,
-    max_length: int | None,
-    lowercase: bool = False,
-) -> tuple[torch.nn.Module, TextTokenizer]:
-    """The model of ``folder`` (eval mode) and its tokenizer, truncating at the model's own length limit."""
-    model = model_class.from_pretrained(folder, device=device, dtype=_parse_dtype(dtype), backend=backend)
-    model.eval()
-    tokenizer = TextTokenizer.from_folder(
-        folder, max_length=max_length, model_limit=sequence_length_limit(model.config), lowercase=lowercase
-    )
-    return model, tokenizer
+#: ``output_value`` choices of SentenceTransformer.encode.
+_OUTPUT_VALUES = ("sentence_embedding", "token_embeddings", None)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The batching loop both encoders share
+# The modules of a sentence-transformers folder
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _check_texts(inputs: Any, what: str = "texts") -> tuple[list[str], bool]:
-    """(list of strings, was a single string); a clear TypeError for anything else."""
-    if isinstance(inputs, str):
-        return [inputs], True
-    if isinstance(inputs, np.ndarray):
-        inputs = inputs.tolist()
-    if not isinstance(inputs, Iterable) or isinstance(inputs, (bytes, dict)):
-        raise TypeError(f"{what} must be a string or a list of strings, got {type(inputs).__name__}")
-    texts = list(inputs)
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise TypeError(f"{what}[{i}] is {type(t).__name__} ({t!r:.60}), expected str")
-    return texts, False
-
-
-def _token_budget(batch_size: int, max_tokens_per_batch: int | None) -> int:
-    """Tokens per encoder call: ``max_tokens_per_batch``, else ``batch_size * 128``."""
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-    budget = max_tokens_per_batch if max_tokens_per_batch is not None else batch_size * _TOKENS_PER_BATCH_ITEM
-    if budget <= 0:
-        raise ValueError(f"max_tokens_per_batch must be positive, got {max_tokens_per_batch}")
-    return budget
-
-
-def _show_progress(show_progress_bar: bool | None, n: int) -> bool:
-    if show_progress_bar is not None:
-        return bool(show_progress_bar)
-    return n >= 1000 or logger.getEffectiveLevel() <= logging.INFO
-
-
-def _convert(out: Tensor, single: bool, convert_to_numpy: bool, convert_to_tensor: bool) -> Any:
-    """(n, ...) rows as numpy float32 (default), one tensor, or a list of tensors; row 0 alone for one input."""
-    if convert_to_tensor:
-        result: Any = out
-    elif convert_to_numpy:
-        result = out.float().cpu().numpy()
-    else:
-        result = list(out.unbind(0))
-    return result[0] if single else result
-
-
-class _TruncationNotice:
-    """Say once per encoder that inputs were cut to the model's limit."""
-
-    def __init__(self) -> None:
-        self.said = False
-
-    def check(self, encodings: Sequence[Any], max_length: int) -> None:
-        if self.said:
-            return
-        cut = sum(1 for e in encodings if e.overflowing)
-        if cut:
-            self.said = True
-            logger.warning(
-                "fastbert: %d input(s) in this call are longer than the model's limit of %d tokens and were "
-                "truncated (said once per model)",
-                cut,
-                max_length,
-            )
-
-
-class _TextModel:
-    """What SentenceEncoder and CrossEncoder share: a model, its tokenizer and the batching loop."""
-
-    def __init__(self, model: torch.nn.Module, tokenizer: TextTokenizer):
-        self.model = model
-        self.tokenizer = tokenizer
-        self._truncation = _TruncationNotice()
-
-    @property
-    def device(self) -> torch.device:
-        for p in self.model.parameters():
-            return p.device
-        return torch.device("cpu")
-
-    def _run(
-        self,
-        items: list[str] | list[tuple[str, str]],
-        budget: int,
-        step: Callable[[PackedBatch], Tensor],
-        empty_width: int,
-        show_progress_bar: bool | None,
-        progress: tuple[str, str],
-        with_token_types: bool = False,
-    ) -> Tensor:
-        """Tokenise ``items`` chunk by chunk, cut each chunk into token-budget batches, run ``step`` on each packed
-        batch (on the model's device) and return its rows, (n, width), in the order of ``items``.
-
-        step: PackedBatch -> (batch, width) rows. With no items: zeros (0, empty_width) float32.
-        progress: the progress bar's (description, unit).
-        """
-        n = len(items)
-        device = self.device
-        out: Tensor | None = None
-        from tqdm.auto import tqdm
-
-        desc, unit = progress
-        with tqdm(total=n, desc=desc, unit=unit, disable=not _show_progress(show_progress_bar, n)) as bar:
-            for lo in range(0, n, _TOKENIZE_CHUNK):
-                chunk = self.tokenizer.encode(items[lo : lo + _TOKENIZE_CHUNK])
-                self._truncation.check(chunk, self.tokenizer.max_length)
-                for idx in token_budget_batches([len(e.ids) for e in chunk], budget):
-                    batch = TextTokenizer.pack([chunk[i] for i in idx], with_token_types=with_token_types)
-                    rows = step(batch.to(device))  # (len(idx), width)
-                    if out is None:
-                        out = torch.empty(n, *rows.shape[1:], dtype=rows.dtype, device=rows.device)
-                    out[torch.as_tensor(idx + lo, device=rows.device)] = rows
-                    bar.update(len(idx))
-        if out is None:
-            out = torch.zeros(0, empty_width, dtype=torch.float32, device=device)
-        return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# SentenceEncoder: the modules of a sentence-transformers folder
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _torch_activation(path: str | None, what: str) -> Any:
-    """Instantiate a ``torch.nn`` activation from its dotted path (only ``torch.`` paths are imported)."""
-    if path is None:
-        return torch.nn.Identity()
-    if not path.startswith("torch."):
-        raise ValueError(f"{what}: activation {path!r} is not a torch.nn module; only torch.* paths are loaded")
-    module_name, _, cls_name = path.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), cls_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
-        raise ValueError(f"{what}: activation {path!r} is not a torch.nn.Module class")
-    return cls()
 
 
 class _Dense(torch.nn.Module):
@@ -319,12 +132,17 @@ def _read_modules(root: str) -> tuple[str, PoolingConfig, list[Any], dict[str, A
     return transformer_dir, pooling, after, st_config
 
 
+# ----------------------------------------------------------------------------------------------------------
+# SentenceEncoder
+# ----------------------------------------------------------------------------------------------------------
+
+
 class SentenceEncoder(_TextModel):
     """Sentence embeddings from a sentence-transformers folder (or a plain HF folder, with mean pooling).
 
-    ``encode`` follows ``SentenceTransformer.encode``: a single string gives one vector, the output keeps the
-    input order, ``normalize_embeddings=True`` L2-normalizes (a ``Normalize`` module in the folder always
-    applies, as in sentence-transformers), prompts come from ``config_sentence_transformers.json``.
+    ``encode`` follows ``SentenceTransformer.encode`` (sentence-transformers 6): a single string gives one vector,
+    the output keeps the input order, ``normalize_embeddings=True`` L2-normalizes (a ``Normalize`` module in the
+    folder always applies, as there), prompts come from ``config_sentence_transformers.json``.
     """
 
     def __init__(
@@ -336,11 +154,13 @@ class SentenceEncoder(_TextModel):
         prompts: dict[str, str] | None = None,
         default_prompt_name: str | None = None,
         embedding_dimension: int | None = None,
+        similarity_fn_name: str | None = None,
+        truncate_dim: int | None = None,
     ):
         super().__init__(model, tokenizer)
         self.pooling = pooling or PoolingConfig()
         self._after = list(after_pooling)
-        self.prompts = dict(prompts or {})
+        self.prompts = {**_DEFAULT_PROMPTS, **(prompts or {})}
         if default_prompt_name is not None and default_prompt_name not in self.prompts:
             raise ValueError(
                 f"default_prompt_name {default_prompt_name!r} is not among the prompts {sorted(self.prompts)}"
@@ -353,7 +173,10 @@ class SentenceEncoder(_TextModel):
                 if isinstance(m, _Dense):
                     embedding_dimension = m.out_features
         self.embedding_dimension = embedding_dimension
+        self._similarity_fn_name = None if similarity_fn_name is None else similarity_name(similarity_fn_name)
+        self.truncate_dim = truncate_dim
         self._prompt_lengths: dict[str, int] = {}
+        self._token_types = (getattr(getattr(model, "config", None), "type_vocab_size", 0) or 0) > 0
 
     @classmethod
     def from_pretrained(
@@ -363,9 +186,12 @@ class SentenceEncoder(_TextModel):
         dtype: torch.dtype | str | None = None,
         backend: str = "auto",
         max_seq_length: int | None = None,
+        truncate_dim: int | None = None,
+        similarity_fn_name: str | None = None,
     ) -> SentenceEncoder:
         """Load a sentence-transformers folder, a plain transformers folder, or a hub id (downloaded only when
-        ``path_or_hub_id`` is not a local folder). ``max_seq_length`` overrides ``sentence_bert_config.json``."""
+        ``path_or_hub_id`` is not a local folder). ``max_seq_length`` overrides ``sentence_bert_config.json``;
+        ``truncate_dim`` and ``similarity_fn_name`` are SentenceTransformer's arguments of the same names."""
         root = _resolve_folder(path_or_hub_id)
         transformer_dir, pooling, after, st_config = _read_modules(root)
         st_model_config = read_json_if_exists(os.path.join(root, "config_sentence_transformers.json"))
@@ -384,16 +210,81 @@ class SentenceEncoder(_TextModel):
         for m in after:
             if isinstance(m, _Dense) and param is not None:
                 m.to(device=param.device, dtype=param.dtype)
-        return cls(model, tokenizer, pooling, after, prompts=prompts, default_prompt_name=default)
+        if similarity_fn_name is None:
+            similarity_fn_name = st_model_config.get("similarity_fn_name")
+        return cls(
+            model,
+            tokenizer,
+            pooling,
+            after,
+            prompts=prompts,
+            default_prompt_name=default,
+            similarity_fn_name=similarity_fn_name,
+            truncate_dim=truncate_dim,
+        )
+
+    def to(self, device: torch.device | str) -> SentenceEncoder:
+        """Move the model and its Dense modules to ``device``; returns self."""
+        self.model.to(device)
+        for m in self._after:
+            if isinstance(m, _Dense):
+                m.to(device)
+        return self
+
+    # -- what SentenceTransformer exposes besides encode ------------------------------------------------------
 
     @property
     def max_seq_length(self) -> int:
         return self.tokenizer.max_length
 
+    @max_seq_length.setter
+    def max_seq_length(self, value: int) -> None:
+        """Truncate inputs at ``value`` tokens from now on (at most the model's position table allows)."""
+        limit = sequence_length_limit(self.model.config)
+        if limit is not None and isinstance(value, int) and value > limit:
+            raise ValueError(f"max_seq_length {value} is more than this model's {limit} positions allow")
+        self.tokenizer.set_max_length(value)
+
     def get_sentence_embedding_dimension(self) -> int | None:
-        return self.embedding_dimension
+        """The width of ``encode``'s vectors (``truncate_dim`` when set and smaller)."""
+        dim = self.embedding_dimension
+        if self.truncate_dim is not None:
+            return self.truncate_dim if dim is None else min(dim, self.truncate_dim)
+        return dim
+
+    get_embedding_dimension = get_sentence_embedding_dimension
+
+    @property
+    def similarity_fn_name(self) -> str:
+        """ "cosine" (the default), "dot", "euclidean" or "manhattan", from config_sentence_transformers.json."""
+        if self._similarity_fn_name is None:
+            self._similarity_fn_name = "cosine"
+        return self._similarity_fn_name
+
+    @similarity_fn_name.setter
+    def similarity_fn_name(self, value: Any) -> None:
+        self._similarity_fn_name = None if value is None else similarity_name(value)
+
+    def similarity(self, embeddings1: Any, embeddings2: Any) -> Tensor:
+        """(n, m) float tensor of the model's similarity between every row of ``embeddings1`` and of ``embeddings2``
+        (arrays, tensors or lists of rows; a 1-D input is one row)."""
+        return SIMILARITY_FUNCTIONS[self.similarity_fn_name][0](embeddings1, embeddings2)
+
+    def similarity_pairwise(self, embeddings1: Any, embeddings2: Any) -> Tensor:
+        """(n,) float tensor: the model's similarity of ``embeddings1[i]`` and ``embeddings2[i]``."""
+        return SIMILARITY_FUNCTIONS[self.similarity_fn_name][1](embeddings1, embeddings2)
+
+    def tokenize(self, texts: Sequence[str] | Sequence[tuple[str, str]]) -> dict[str, Tensor]:
+        """What the model sees for ``texts`` (no prompt added), padded as transformers pads: int64 (n, L)
+        ``input_ids``, ``token_type_ids``, ``attention_mask``, truncated at ``max_seq_length``."""
+        items = [t if isinstance(t, str) else tuple(t) for t in texts]
+        return self.tokenizer.pad(self.tokenizer.encode(items))
+
+    # -- encode -----------------------------------------------------------------------------------------------
 
     def _resolve_prompt(self, prompt: str | None, prompt_name: str | None) -> str | None:
+        """sentence-transformers 6's rule: ``prompt`` wins (a warning when both are given), then ``prompt_name``
+        (ValueError if the model has no such prompt), then ``default_prompt_name``."""
         if prompt is not None:
             if prompt_name is not None:
                 logger.warning("fastbert: both prompt and prompt_name given; using prompt")
@@ -403,15 +294,13 @@ class SentenceEncoder(_TextModel):
                 raise ValueError(f"prompt_name {prompt_name!r} is not among the model's prompts {sorted(self.prompts)}")
             return self.prompts[prompt_name]
         if self.default_prompt_name is not None:
-            return self.prompts[self.default_prompt_name]
+            return self.prompts.get(self.default_prompt_name)
         return None
 
-    def _finish(self, pooled: Tensor, normalize: bool) -> Tensor:
+    def _finish(self, pooled: Tensor) -> Tensor:
         x = pooled
         for m in self._after:
             x = torch.nn.functional.normalize(x, p=2, dim=-1) if m == "normalize" else m(x)
-        if normalize:
-            x = torch.nn.functional.normalize(x, p=2, dim=-1)
         return x
 
     @torch.inference_mode()
@@ -422,47 +311,110 @@ class SentenceEncoder(_TextModel):
         prompt: str | None = None,
         batch_size: int = 32,
         show_progress_bar: bool | None = None,
+        output_value: str | None = "sentence_embedding",
+        precision: str = "float32",
         convert_to_numpy: bool = True,
         convert_to_tensor: bool = False,
-        normalize_embeddings: bool | None = None,
+        device: torch.device | str | None = None,
+        normalize_embeddings: bool = False,
+        truncate_dim: int | None = None,
+        *,
         max_tokens_per_batch: int | None = None,
-    ) -> np.ndarray | Tensor | list[Tensor]:
-        """Embed texts: (n, dim) numpy float32 by default; a single string gives (dim,).
+    ) -> np.ndarray | Tensor | list[Any] | dict[str, Any]:
+        """Embed texts: (n, dim) numpy by default (float32 for fp32/bf16 models); a single string gives (dim,).
 
-        ``batch_size`` sets the token budget per encoder call (``batch_size * 128`` tokens unless
-        ``max_tokens_per_batch`` is given); texts are grouped by token count, not by a fixed number.
-        ``convert_to_tensor`` returns one tensor on the model's device (model dtype); with both conversions
-        off, a list of 1-D tensors. ``normalize_embeddings=True`` L2-normalizes; None/False leave the
-        folder's own pipeline as it is (its Normalize module still applies, as in sentence-transformers).
+        As ``SentenceTransformer.encode``: ``batch_size`` texts per encoder call (texts sorted by token count
+        first; ``max_tokens_per_batch`` also caps the tokens per call). ``convert_to_tensor`` returns one tensor on
+        the model's device; both conversions off, a list of 1-D tensors. ``truncate_dim`` keeps the first dims
+        (before ``normalize_embeddings``); ``precision`` quantises as ``quantize_embeddings``. ``output_value=
+        "token_embeddings"`` gives a list of (tokens, hidden) tensors, ``None`` a list of dicts per text (token
+        tensors unpadded). ``device=`` moves the model there. ``show_progress_bar=None``: a bar only when this
+        module's logger is at INFO or DEBUG.
         """
+        if output_value not in _OUTPUT_VALUES:
+            raise ValueError(f"output_value {output_value!r} is not supported; use one of {_OUTPUT_VALUES}")
+        if precision is not None and precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r} is not supported; use one of {', '.join(PRECISIONS)}")
+        quantize = output_value == "sentence_embedding" and precision not in (None, "float32")
+        if convert_to_tensor:
+            convert_to_numpy = False
+        if output_value != "sentence_embedding":
+            convert_to_numpy = convert_to_tensor = False
         texts, single = _check_texts(sentences, "sentences")
-        budget = _token_budget(batch_size, max_tokens_per_batch)
+        self._use_device(device)
+        truncate_dim = truncate_dim if truncate_dim is not None else self.truncate_dim
         prompt_text = self._resolve_prompt(prompt, prompt_name)
         prompt_length = 0
-        if prompt_text is not None:
+        if prompt_text:
             texts = [prompt_text + t for t in texts]
             if not self.pooling.include_prompt:
                 if prompt_text not in self._prompt_lengths:
                     self._prompt_lengths[prompt_text] = self.tokenizer.prompt_length(prompt_text)
                 prompt_length = self._prompt_lengths[prompt_text]
 
-        def embed(batch: PackedBatch) -> Tensor:
+        def embed(batch: PackedBatch) -> Any:
             hidden = self.model.forward_batch(batch)  # (total_tokens, hidden)
+            if output_value == "token_embeddings":
+                return list(hidden.split(batch.cu_seqlens.diff().tolist()))  # (tokens_i, hidden) each
             pooled = pool(hidden, batch.cu_seqlens, self.pooling.modes, prompt_length)  # (batch, hidden * modes)
-            return self._finish(pooled, bool(normalize_embeddings))  # (batch, dim)
+            x = self._finish(pooled)  # (batch, dim)
+            if truncate_dim is not None:
+                x = x[:, :truncate_dim]
+            if output_value is None:
+                return self._feature_dicts(batch, hidden, x)
+            return torch.nn.functional.normalize(x, p=2, dim=-1) if normalize_embeddings else x
 
-        out = self._run(texts, budget, embed, self.embedding_dimension or 0, show_progress_bar, ("Encoding", "text"))
-        return _convert(out, single, convert_to_numpy, convert_to_tensor)
+        width = self.get_sentence_embedding_dimension() or 0
+        if truncate_dim is not None:
+            width = min(width, truncate_dim) if width else truncate_dim
+        out = self._run(
+            texts,
+            batch_size,
+            max_tokens_per_batch,
+            embed,
+            width,
+            show_progress_bar,
+            ("Encoding", "text"),
+            ragged=output_value != "sentence_embedding",
+        )
+        release_free_memory()  # glibc keeps freed activations of varied sizes; see fastbert/_memory.py
+        if quantize and len(out):
+            out = quantize_embeddings(out, precision)
+        if convert_to_tensor:
+            result: Any = torch.as_tensor(out) if isinstance(out, np.ndarray) else out
+        elif convert_to_numpy:
+            result = out if isinstance(out, np.ndarray) else _to_numpy(out)
+        elif isinstance(out, np.ndarray):
+            result = list(torch.from_numpy(out))
+        else:
+            result = list(out)
+        return result[0] if single else result
 
-    def encode_query(self, sentences: str | Sequence[str], **kwargs: Any) -> np.ndarray | Tensor | list[Tensor]:
-        """``encode`` with the model's ``query`` prompt when it has one (sentence-transformers' encode_query)."""
-        if "prompt" not in kwargs and "prompt_name" not in kwargs and "query" in self.prompts:
+    def _feature_dicts(self, batch: PackedBatch, hidden: Tensor, sentence: Tensor) -> list[dict[str, Any]]:
+        """``output_value=None``: per text, what SentenceTransformer's modules produced (without padding rows)."""
+        lengths = batch.cu_seqlens.diff().tolist()
+        ids = batch.input_ids.split(lengths)
+        types = batch.token_type_ids.split(lengths) if batch.token_type_ids is not None else None
+        rows = []
+        for i, (tokens, n) in enumerate(zip(hidden.split(lengths), lengths, strict=True)):
+            row: dict[str, Any] = {"input_ids": ids[i]}
+            if self._token_types:
+                row["token_type_ids"] = types[i] if types is not None else torch.zeros_like(ids[i])
+            row["attention_mask"] = torch.ones(n, dtype=torch.int64, device=ids[i].device)
+            row.update({"modality": "text", "token_embeddings": tokens, "sentence_embedding": sentence[i]})
+            rows.append(row)
+        return rows
+
+    def encode_query(self, sentences: str | Sequence[str], **kwargs: Any) -> Any:
+        """``encode`` with the model's ``query`` prompt (sentence-transformers' encode_query; "" unless the folder
+        sets one, so the default prompt does not apply)."""
+        if kwargs.get("prompt") is None and kwargs.get("prompt_name") is None and "query" in self.prompts:
             kwargs["prompt_name"] = "query"
         return self.encode(sentences, **kwargs)
 
-    def encode_document(self, sentences: str | Sequence[str], **kwargs: Any) -> np.ndarray | Tensor | list[Tensor]:
-        """``encode`` with the model's ``document`` (or ``passage``/``corpus``) prompt when it has one."""
-        if "prompt" not in kwargs and "prompt_name" not in kwargs:
+    def encode_document(self, sentences: str | Sequence[str], **kwargs: Any) -> Any:
+        """``encode`` with the model's ``document`` (or ``passage``/``corpus``) prompt."""
+        if kwargs.get("prompt") is None and kwargs.get("prompt_name") is None:
             for name in ("document", "passage", "corpus"):
                 if name in self.prompts:
                     kwargs["prompt_name"] = name
@@ -473,120 +425,6 @@ class SentenceEncoder(_TextModel):
         backend = getattr(getattr(self.model, "backend", None), "name", "?")
         return (
             f"SentenceEncoder(max_seq_length={self.max_seq_length}, pooling={list(self.pooling.modes)}, "
-            f"dim={self.embedding_dimension}, backend={backend!r}, device={self.device})"
+            f"dim={self.get_sentence_embedding_dimension()}, similarity={self.similarity_fn_name!r}, "
+            f"backend={backend!r}, device={self.device})"
         )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# CrossEncoder
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _default_cross_activation(config: Any, num_labels: int) -> tuple[Any, str]:
-    """sentence-transformers 6.2's rule: the activation saved in the config, else Sigmoid for one label and
-    Identity otherwise. Returns (callable, name)."""
-    st = getattr(config, "sentence_transformers", None)
-    path = st.get("activation_fn") if isinstance(st, dict) else None
-    if path is None:
-        path = getattr(config, "sbert_ce_default_activation_function", None)
-    if path is not None:
-        try:
-            return _torch_activation(path, "CrossEncoder"), path
-        except (ValueError, ImportError, AttributeError) as exc:
-            logger.warning("fastbert: %s; using the default activation instead", exc)
-    if num_labels == 1:
-        return torch.nn.Sigmoid(), "torch.nn.modules.activation.Sigmoid"
-    return torch.nn.Identity(), "torch.nn.modules.linear.Identity"
-
-
-class CrossEncoder(_TextModel):
-    """Scores (query, passage) pairs with a sequence-classification checkpoint (a reranker).
-
-    ``predict`` returns the model's logits passed through ``activation_fn``: by default, as in
-    sentence-transformers 6.2, the activation saved in the checkpoint's config
-    (``sentence_transformers.activation_fn``), else Sigmoid when ``num_labels == 1`` and Identity otherwise.
-    """
-
-    def __init__(self, model: torch.nn.Module, tokenizer: TextTokenizer, activation_fn: Any = None):
-        super().__init__(model, tokenizer)
-        self.num_labels = int(getattr(model.config, "num_labels", 1))
-        if activation_fn is None:
-            activation_fn, _ = _default_cross_activation(model.config, self.num_labels)
-        self.activation_fn = activation_fn
-        # DistilBERT-style models have no token-type table: their pairs carry no segment ids.
-        self._token_types = (getattr(model.config, "type_vocab_size", 0) or 0) > 0
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path_or_hub_id: str,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | str | None = None,
-        backend: str = "auto",
-        max_length: int | None = None,
-        activation_fn: Any = None,
-    ) -> CrossEncoder:
-        root = _resolve_folder(path_or_hub_id)
-        model, tokenizer = _load(AutoModelForSequenceClassification, root, device, dtype, backend, max_length)
-        return cls(model, tokenizer, activation_fn)
-
-    @staticmethod
-    def _check_pairs(inputs: Any) -> tuple[list[tuple[str, str]], bool]:
-        """(list of (text, text) pairs, was a single pair); a clear TypeError for anything else."""
-
-        def is_pair(x: Any) -> bool:
-            return isinstance(x, (tuple, list)) and len(x) == 2 and all(isinstance(s, str) for s in x)
-
-        if is_pair(inputs):
-            return [(inputs[0], inputs[1])], True
-        if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Iterable):
-            raise TypeError(f"pairs must be a (text, text) pair or a list of them, got {type(inputs).__name__}")
-        pairs = list(inputs)
-        for i, p in enumerate(pairs):
-            if not is_pair(p):
-                raise TypeError(f"pairs[{i}] is {p!r:.80} ({type(p).__name__}); expected a (str, str) pair")
-        return [(a, b) for a, b in pairs], False
-
-    @torch.inference_mode()
-    def predict(
-        self,
-        pairs: Sequence[tuple[str, str]] | tuple[str, str],
-        batch_size: int = 32,
-        show_progress_bar: bool | None = None,
-        activation_fn: Any = None,
-        apply_softmax: bool = False,
-        convert_to_numpy: bool = True,
-        convert_to_tensor: bool = False,
-        max_tokens_per_batch: int | None = None,
-    ) -> np.ndarray | Tensor | list[Tensor]:
-        """Scores: (n,) for one label, (n, num_labels) otherwise; a single pair gives a scalar / (num_labels,)."""
-        items, single = self._check_pairs(pairs)
-        budget = _token_budget(batch_size, max_tokens_per_batch)
-        act = activation_fn if activation_fn is not None else self.activation_fn
-        width = self.num_labels
-
-        def score(batch: PackedBatch) -> Tensor:
-            scores = self.model.forward_batch(batch).float()  # (batch, num_labels) logits
-            if act is not None:
-                scores = act(scores)
-            if apply_softmax and width > 1:
-                scores = torch.softmax(scores, dim=-1)
-            return scores.reshape(batch.batch_size, width).to(torch.float32)
-
-        out = self._run(
-            items, budget, score, width, show_progress_bar, ("Scoring", "pair"), with_token_types=self._token_types
-        )
-        if width == 1:
-            out = out[:, 0]
-        return _convert(out, single, convert_to_numpy, convert_to_tensor)
-
-    def rank(
-        self, query: str, documents: Sequence[str], top_k: int | None = None, **kwargs: Any
-    ) -> list[dict[str, Any]]:
-        """Documents sorted by score for ``query``: [{"corpus_id": i, "score": s}, ...] (best first)."""
-        docs, _ = _check_texts(documents, "documents")
-        scores = self.predict([(query, d) for d in docs], convert_to_numpy=True, **kwargs)
-        if self.num_labels != 1:
-            raise ValueError(f"rank needs a single-score model; this one has num_labels={self.num_labels}")
-        order = np.argsort(-scores, kind="stable")[: top_k if top_k is not None else len(docs)]
-        return [{"corpus_id": int(i), "score": float(scores[i])} for i in order]

@@ -43,15 +43,28 @@ class TextTokenizer:
     ``PackedBatch``. ``max_length`` counts special tokens; pairs are truncated longest-first.
     """
 
-    def __init__(self, tokenizer: Any, max_length: int, lowercase: bool = False, truncation_side: str = "right"):
-        if max_length is None or max_length < 2:
-            raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
+    def __init__(
+        self,
+        tokenizer: Any,
+        max_length: int,
+        lowercase: bool = False,
+        truncation_side: str = "right",
+        pad_token_id: int = 0,
+    ):
         self.tokenizer = tokenizer
-        self.max_length = int(max_length)
+        self.truncation_side = truncation_side
+        self.pad_token_id = int(pad_token_id)
         if lowercase:
             self._add_lowercase()
         tokenizer.no_padding()
-        tokenizer.enable_truncation(self.max_length, strategy="longest_first", direction=truncation_side)
+        self.set_max_length(max_length)
+
+    def set_max_length(self, max_length: int) -> None:
+        """Truncate at ``max_length`` tokens (special tokens included) from now on."""
+        if not isinstance(max_length, int) or max_length < 2:
+            raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
+        self.max_length = int(max_length)
+        self.tokenizer.enable_truncation(self.max_length, strategy="longest_first", direction=self.truncation_side)
 
     def _add_lowercase(self) -> None:
         # Same rule as sentence-transformers' do_lower_case: prepend a Lowercase normalizer unless one is there.
@@ -73,10 +86,12 @@ class TextTokenizer:
         max_length: int | None = None,
         model_limit: int | None = None,
         lowercase: bool = False,
+        pad_token_id: int | None = None,
     ) -> TextTokenizer:
         """Load ``tokenizer.json`` from ``folder`` (or convert a slow tokenizer there with transformers).
 
-        The length limit is min(max_length or the tokenizer's ``model_max_length``, model_limit).
+        The length limit is min(max_length or the tokenizer's ``model_max_length``, model_limit). The padding id
+        (used only by ``pad``) is the tokenizer's pad token, else ``pad_token_id``, else 0.
         """
         tok_config = read_json_if_exists(os.path.join(folder, "tokenizer_config.json"))
         path = os.path.join(folder, "tokenizer.json")
@@ -103,7 +118,12 @@ class TextTokenizer:
         if not limits:
             raise ValueError(f"cannot tell the maximum sequence length for {folder!r}; pass max_seq_length")
         side = tok_config.get("truncation_side", "right")
-        return cls(tokenizer, min(limits), lowercase=lowercase, truncation_side=side)
+        pad = tok_config.get("pad_token")
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        pad_id = tokenizer.token_to_id(pad) if isinstance(pad, str) else None
+        if pad_id is None:
+            pad_id = pad_token_id if isinstance(pad_token_id, int) else 0
+        return cls(tokenizer, min(limits), lowercase=lowercase, truncation_side=side, pad_token_id=pad_id)
 
     def encode(self, inputs: list[str] | list[tuple[str, str]]) -> list[Any]:
         """Tokenize texts (or (text, text) pairs) with special tokens, truncated to ``max_length``."""
@@ -133,23 +153,44 @@ class TextTokenizer:
             token_types = torch.tensor(list(chain.from_iterable(e.type_ids for e in encodings)), dtype=torch.int64)
         return PackedBatch.from_lengths(input_ids, lengths, token_type_ids=token_types)
 
+    def pad(self, encodings: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """A padded batch as transformers' tokenizer gives it (``padding=True``, right side): int64 (batch, L)
+        ``input_ids``, ``token_type_ids`` and ``attention_mask``, L the longest encoding."""
+        width = max((len(e.ids) for e in encodings), default=0)
+        ids = torch.full((len(encodings), width), self.pad_token_id, dtype=torch.int64)
+        types = torch.zeros((len(encodings), width), dtype=torch.int64)
+        mask = torch.zeros((len(encodings), width), dtype=torch.int64)
+        for row, e in enumerate(encodings):
+            n = len(e.ids)
+            ids[row, :n] = torch.tensor(e.ids, dtype=torch.int64)
+            types[row, :n] = torch.tensor(e.type_ids, dtype=torch.int64)
+            mask[row, :n] = 1
+        return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
 
-def token_budget_batches(lengths: Sequence[int], max_tokens: int) -> list[np.ndarray]:
-    """Indices of batches: longest first, each filled with similar lengths up to ``max_tokens`` tokens.
+
+def token_budget_batches(
+    lengths: Sequence[int], max_tokens: int | None, max_batch_size: int | None = None
+) -> list[np.ndarray]:
+    """Indices of batches: longest first, each filled with similar lengths up to ``max_tokens`` tokens and
+    ``max_batch_size`` texts (either may be None: no limit of that kind).
 
     Sorting keeps lengths inside a batch close (little waste for any attention that pads per batch); the
     token budget keeps every encoder call about the same size, so neither many short texts nor a few long
     ones make a batch too small or too large. A text longer than the budget gets a batch of its own.
     """
-    if max_tokens < 1:
+    if max_tokens is not None and max_tokens < 1:
         raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    if max_batch_size is not None and max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be positive, got {max_batch_size}")
     lens = np.asarray(lengths, dtype=np.int64)
     order = np.argsort(-lens, kind="stable")
+    tokens = max_tokens if max_tokens is not None else float("inf")
+    texts = max_batch_size if max_batch_size is not None else len(order) + 1
     batches: list[np.ndarray] = []
     start, used = 0, 0
     for i, idx in enumerate(order):
         n = int(lens[idx])
-        if i > start and used + n > max_tokens:
+        if i > start and (used + n > tokens or i - start >= texts):
             batches.append(order[start:i])
             start, used = i, 0
         used += n
