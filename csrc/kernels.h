@@ -1,7 +1,8 @@
 // Raw-pointer CPU kernels behind the torch.ops.fastbert.* operators (ops.cpp).
 //
-// The same source (kernels_impl.h) is compiled twice: for the portable x86-64 baseline (kernels_base.cpp) and
-// with AVX-512 (F/BW/VL/DQ) enabled (kernels_avx512.cpp, which adds intrinsics micro-kernels for attention).
+// The same source (kernels_impl.h) is compiled three times: for the portable x86-64 baseline (kernels_base.cpp),
+// with AVX2 + FMA (kernels_avx2.cpp) and with AVX-512 (F/BW/VL/DQ) enabled (kernels_avx512.cpp, which adds
+// intrinsics micro-kernels for attention).
 // kernels() picks one table at first use with __builtin_cpu_supports. Nothing here includes torch headers,
 // so no inline torch/std code is ever compiled with AVX-512 and shared with the baseline by the linker.
 // Storage is float32 (`bf16 == false`) or bfloat16 held as uint16_t (`bf16 == true`); math is float32.
@@ -47,12 +48,15 @@ struct Kernels {
 namespace base {
 extern const Kernels kKernels;
 }
+namespace avx2 {
+extern const Kernels kKernels;
+}
 namespace avx512 {
 extern const Kernels kKernels;
 }
 
-// The table for this CPU (AVX-512 F/BW/VL/DQ when present, else the baseline); FASTBERT_CPU_ISA=base forces
-// the baseline (used by the tests to cover both paths on one machine).
+// The table for this CPU (AVX-512 F/BW/VL/DQ when present, else AVX2 + FMA, else the baseline);
+// FASTBERT_CPU_ISA=avx2|base forces a narrower table (the tests cover every table the CPU can run).
 const Kernels& kernels();
 const Kernels& kernels_named(const char* name);
 

@@ -1,4 +1,5 @@
-// Portable kernel bodies, included inside `namespace fastbert::<isa>` by kernels_base.cpp and kernels_avx512.cpp
+// Portable kernel bodies, included inside `namespace fastbert::<isa>` by kernels_base.cpp, kernels_avx2.cpp and
+// kernels_avx512.cpp
 // (see kernels.h). Rules for this file: no #include, no std:: templates (they would be instantiated under the
 // AVX-512 target and could be shared with the baseline by the linker); compiler builtins only.
 // Loops are written so that GCC/Clang vectorize them at -O3 for whichever ISA the including file targets.
@@ -403,7 +404,9 @@ static void attention(const AttnTask* tasks, int64_t n, const void* qkv, int64_t
 }
 
 const Kernels kKernels = {
-#ifdef FASTBERT_AVX512
+#if defined(FASTBERT_ISA_NAME)
+    FASTBERT_ISA_NAME,
+#elif defined(FASTBERT_AVX512)
     "avx512",
 #else
     "base",

@@ -33,12 +33,26 @@ static bool cpu_has_avx512() {
 #endif
 }
 
+static bool cpu_has_avx2() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
 const Kernels& kernels_named(const char* name) {
   if (std::strcmp(name, "avx512") == 0) {
     TORCH_CHECK(cpu_has_avx512(), "fastbert: ISA 'avx512' requested but this CPU lacks AVX-512 (F/BW/VL/DQ)");
     return avx512::kKernels;
   }
-  TORCH_CHECK(std::strcmp(name, "base") == 0, "fastbert: unknown ISA '", name, "'; use 'avx512' or 'base'");
+  if (std::strcmp(name, "avx2") == 0) {
+    TORCH_CHECK(cpu_has_avx2(), "fastbert: ISA 'avx2' requested but this CPU lacks AVX2 + FMA");
+    return avx2::kKernels;
+  }
+  TORCH_CHECK(std::strcmp(name, "base") == 0, "fastbert: unknown ISA '", name,
+              "'; use 'avx512', 'avx2' or 'base'");
   return base::kKernels;
 }
 
@@ -46,14 +60,15 @@ static std::atomic<const Kernels*>& current_kernels() {
   static std::atomic<const Kernels*> current{[] {
     const char* forced = std::getenv("FASTBERT_CPU_ISA");
     if (forced != nullptr && forced[0] != '\0') return &kernels_named(forced);
-    return cpu_has_avx512() ? &avx512::kKernels : &base::kKernels;
+    if (cpu_has_avx512()) return &avx512::kKernels;
+    return cpu_has_avx2() ? &avx2::kKernels : &base::kKernels;
   }()};
   return current;
 }
 
 const Kernels& kernels() { return *current_kernels().load(std::memory_order_relaxed); }
 
-// Selects the kernel table ("avx512", "base"; "" keeps the current one); returns the active table's name.
+// Selects the kernel table ("avx512", "avx2", "base"; "" keeps the current one); returns the active table's name.
 static std::string set_isa(c10::string_view name) {
   if (!name.empty()) current_kernels().store(&kernels_named(std::string(name).c_str()));
   return kernels().name;

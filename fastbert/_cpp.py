@@ -11,6 +11,8 @@ GEMMs run in oneDNN (through torch's ``mkldnn::_linear_pointwise``) on weights p
 from __future__ import annotations
 
 import functools
+import importlib.util
+import re
 import warnings
 from typing import Any
 
@@ -18,11 +20,50 @@ import torch
 from torch import Tensor
 
 UNAVAILABLE_REASON: str | None = None
+_C = None
+
+# csrc/module.cpp keeps "fastbert-build-torch=<torch.__version__ at build time>" in the library's data.
+_BUILD_MARKER = re.compile(rb"fastbert-build-torch=([0-9A-Za-z.+_-]+)\0")
+
+
+def build_torch_version() -> str | None:
+    """The ``torch.__version__`` fastbert._C was compiled against (e.g. "2.13.0+cpu"); None with no extension.
+
+    Read from the loaded module, or, when it could not be loaded, from the marker in the library file itself,
+    so the answer comes from the binary and cannot disagree with it.
+    """
+    if _C is not None:
+        return getattr(_C, "BUILD_TORCH_VERSION", None)
+    try:
+        spec = importlib.util.find_spec(f"{__package__}._C")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    try:
+        with open(spec.origin, "rb") as f:
+            match = _BUILD_MARKER.search(f.read())
+    except OSError:
+        return None
+    return match.group(1).decode() if match else None
+
+
+def _release(version: str) -> str:
+    """The part of a torch version that fixes its C++ ABI: "2.13.0+cpu" -> "2.13" (see setup.py)."""
+    return ".".join(version.split("+", 1)[0].split(".")[:2])
+
 
 try:
-    from . import _C  # noqa: F401  (importing registers torch.ops.fastbert.*)
+    from . import _C  # importing registers torch.ops.fastbert.*
 except Exception as exc:  # ImportError, or an extension built against another torch (undefined symbol)
     UNAVAILABLE_REASON = f"fastbert._C failed to import: {type(exc).__name__}: {exc}"
+    _built_for = build_torch_version()
+    if _built_for is not None and _release(_built_for) != _release(torch.__version__):
+        UNAVAILABLE_REASON = (
+            f"fastbert._C was built for torch {_built_for} but torch {torch.__version__} is installed: install "
+            f"torch=={_release(_built_for)}.* or rebuild fastbert against this torch (pip install "
+            f"--no-build-isolation ...) ({UNAVAILABLE_REASON})"
+        )
 
 if UNAVAILABLE_REASON is None:
     _ops = torch.ops.fastbert
@@ -102,7 +143,7 @@ if UNAVAILABLE_REASON is None:
 
 
 def isa(name: str = "") -> str:
-    """The kernel table in use ("avx512" or "base"); ``isa("base")`` switches to the portable baseline."""
+    """The kernel table in use ("avx512", "avx2" or "base"); ``isa("base")`` switches to the portable baseline."""
     return torch.ops.fastbert._set_isa(name)
 
 

@@ -25,15 +25,17 @@ DTYPES = [pytest.param(dtype, id=dtype_id(dtype)) for dtype in (torch.float32, t
 
 
 def _isas() -> list[str]:
-    names = ["base"]
-    try:
-        prev = _cpp.isa()
-        _cpp.isa("avx512")
-        _cpp.isa(prev)
-        names.insert(0, "avx512")
-    except RuntimeError:
-        pass
-    return names
+    """Every kernel table this CPU can run (AVX-512, AVX2, the baseline), widest first."""
+    names = []
+    prev = _cpp.isa()
+    for name in ("avx512", "avx2"):
+        try:
+            _cpp.isa(name)
+            names.append(name)
+        except RuntimeError:
+            pass
+    _cpp.isa(prev)
+    return [*names, "base"]
 
 
 @pytest.fixture(params=_isas())
