@@ -73,9 +73,14 @@ def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="sentence-transformers / transformers folder, or a hub id")
     parser.add_argument("--in", dest="input", default="-", help="UTF-8 text file, one text per line ('-' = stdin)")
     parser.add_argument(
-        "--out", default="-", help="output: vectors.npy, vectors.jsonl, or '-' for JSON lines on stdout"
+        "--out",
+        default="-",
+        help='output: vectors.npy, or rows.jsonl / \'-\' (stdout) for JSON lines {"id", "text", "embedding"}',
     )
-    parser.add_argument("--batch-size", type=int, default=32, help="batch size (token budget = N x 128 tokens)")
+    parser.add_argument("--batch-size", type=int, default=32, help="texts per encoder call (default 32)")
+    parser.add_argument(
+        "--max-tokens-per-batch", type=int, default=None, help="also cap the tokens per encoder call (default: none)"
+    )
     parser.add_argument("--device", default=None, help="torch device (default: cpu)")
     parser.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the model's)")
     parser.add_argument("--backend", default="auto", help="auto | torch | cpp | triton")
@@ -118,6 +123,10 @@ def run_embed(args: argparse.Namespace) -> int:
     if args.batch_size <= 0:
         print(f"{prog}: --batch-size must be positive, got {args.batch_size}", file=sys.stderr)
         return 2
+    max_tokens = getattr(args, "max_tokens_per_batch", None)
+    if max_tokens is not None and max_tokens <= 0:
+        print(f"{prog}: --max-tokens-per-batch must be positive, got {max_tokens}", file=sys.stderr)
+        return 2
     try:
         texts = _read_lines(args.input)
     except (OSError, ValueError) as exc:
@@ -135,8 +144,9 @@ def run_embed(args: argparse.Namespace) -> int:
             texts,
             prompt_name=args.prompt_name,
             batch_size=args.batch_size,
+            max_tokens_per_batch=max_tokens,
             show_progress_bar=not args.no_progress,
-            normalize_embeddings=args.normalize or None,
+            normalize_embeddings=args.normalize,
         )
     except ValueError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
@@ -146,9 +156,9 @@ def run_embed(args: argparse.Namespace) -> int:
             np.save(out, vectors)
         else:
             fh = sys.stdout if out == "-" else open(out, "w", encoding="utf-8")
-            try:
-                for row in vectors:
-                    fh.write(json.dumps(row.tolist()) + "\n")
+            try:  # one row per input line: its index, the text and its vector
+                for i, (text, row) in enumerate(zip(texts, vectors, strict=True)):
+                    fh.write(json.dumps({"id": i, "text": text, "embedding": row.tolist()}, ensure_ascii=False) + "\n")
             finally:
                 if fh is not sys.stdout:
                     fh.close()

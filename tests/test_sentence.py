@@ -447,8 +447,15 @@ def test_embed_cli_writes_npy_and_jsonl(tmp_path, base_folder):
     assert _embed("--model", str(base_folder), "--in", str(src), "--out", str(out_jsonl), "--batch-size", "1") == 0
     expected = SentenceEncoder.from_pretrained(str(base_folder)).encode(texts)
     np.testing.assert_allclose(np.load(out_npy), expected, atol=1e-6)
-    rows = [json.loads(line) for line in out_jsonl.read_text().splitlines()]
-    np.testing.assert_allclose(np.array(rows, dtype=np.float32), expected, atol=1e-6)
+    rows = [json.loads(line) for line in out_jsonl.read_text(encoding="utf-8").splitlines()]
+    assert [r["id"] for r in rows] == list(range(len(texts)))  # one row per input line, in order
+    assert [r["text"] for r in rows] == texts
+    assert all(sorted(r) == ["embedding", "id", "text"] for r in rows)
+    np.testing.assert_allclose(np.array([r["embedding"] for r in rows], dtype=np.float32), expected, atol=1e-6)
+    assert (
+        _embed("--model", str(base_folder), "--in", str(src), "--out", str(out_jsonl), "--max-tokens-per-batch", "0")
+        == 2
+    )
 
 
 def test_embed_cli_errors(tmp_path, base_folder, capsys):
