@@ -17,6 +17,7 @@ def _info(args: argparse.Namespace) -> int:
     print(f"fastbert     {fastbert.__version__}")
     print(f"python       {platform.python_version()}")
     print(f"torch        {torch.__version__} (threads: {torch.get_num_threads()})")
+    print(f"fastbert._C  {_extension_build()}")
     for name in ("transformers", "triton", "tokenizers", "sentence_transformers"):
         try:
             mod = __import__(name)
@@ -33,6 +34,19 @@ def _info(args: argparse.Namespace) -> int:
         reason = ops.unavailable_reason(name)
         print(f"  {name:<7} {'available' if reason is None else 'unavailable: ' + reason}")
     return 0
+
+
+def _extension_build() -> str:
+    """Which torch the C++ extension was compiled against, read from the binary (see fastbert._cpp)."""
+    from . import _cpp
+
+    built_for = _cpp.build_torch_version()
+    loaded = "loaded" if _cpp.UNAVAILABLE_REASON is None else "not loadable, see backends"
+    if built_for is None:
+        if _cpp.UNAVAILABLE_REASON is None:
+            return "built for an unrecorded torch (an older build: rebuild it to record one) (loaded)"
+        return "not found or not loadable, see backends (FASTBERT_NO_EXT=1 builds none)"
+    return f"built for torch {built_for} ({loaded})"
 
 
 def build_parser() -> argparse.ArgumentParser:

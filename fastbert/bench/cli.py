@@ -49,7 +49,11 @@ def _csv(text: str) -> list[str]:
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``fastbert bench``."""
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="MiniLM-L6, 3 sizes, fastbert + hf eager/sdpa (< 1 min)")
+    mode.add_argument(
+        "--quick",
+        action="store_true",
+        help="MiniLM-L6, 3 sizes, fastbert + hf eager/sdpa (about 5 min on 2 shared cores, load ~7)",
+    )
     mode.add_argument("--full", action="store_true", help="every built-in model, size and system (long)")
     parser.add_argument(
         "--models",
