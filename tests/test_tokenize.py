@@ -59,6 +59,14 @@ def test_token_budget_batches_cover_everything_once():
     sorted_lengths = [lengths[i] for i in flat]
     assert sorted_lengths == sorted(lengths, reverse=True)  # long first, similar lengths together
     assert token_budget_batches([], 10) == []
+    # A cap on texts per batch (sentence-transformers' batch_size), alone or with the token budget.
+    by_count = token_budget_batches(lengths, None, max_batch_size=32)
+    assert [len(b) for b in by_count] == [32] * 15 + [20]
+    assert np.concatenate(by_count).tolist() == flat.tolist()  # same length order
+    both = token_budget_batches(lengths, 1000, max_batch_size=3)
+    assert all(len(b) <= 3 and (sum(lengths[i] for i in b) <= 1000 or len(b) == 1) for b in both)
+    with pytest.raises(ValueError):
+        token_budget_batches([1], None, max_batch_size=0)
     with pytest.raises(ValueError):
         token_budget_batches([1], 0)
 
