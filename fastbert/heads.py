@@ -64,7 +64,8 @@ class _Head(AutoModel):
     def _hf_auto_class(cls):
         import transformers
 
-        return getattr(transformers, cls.__name__)  # fastbert's head classes carry transformers' Auto names
+        auto = next(c for c in cls.__mro__ if c.__name__.startswith("AutoModelFor"))
+        return getattr(transformers, auto.__name__)  # fastbert's head classes carry transformers' Auto names
 
 
 class ClassificationHead(nn.Module):
@@ -235,6 +236,36 @@ class AutoModelForMaskedLM(_Head):
         if self.head.tied:
             self.head.decoder.weight = self.embeddings.word.weight
 
+    def get_output_embeddings(self) -> Linear:
+        """The decoder onto the vocabulary, weight (vocab_size, width); its bias is ``self.head.bias``."""
+        return self.head.decoder
+
+    def _resize_output_embeddings(self, new_num_tokens: int, mean_resizing: bool) -> None:
+        """Resize the decoder and its bias as transformers does: tied, the weight already follows the embeddings
+        and the bias is padded with zeros; untied, both are rebuilt like an ``nn.Linear`` and filled by
+        ``_resized_rows`` (bias: normal(mean, 1e-9 x std) of the old bias for added rows)."""
+        head = self.head
+        old_bias = head.bias
+        if head.tied:
+            bias = old_bias.new_zeros(new_num_tokens)
+        else:
+            old_weight = head.decoder.weight
+            fresh = nn.Linear(
+                old_weight.shape[1], new_num_tokens, device=old_weight.device, dtype=old_weight.dtype
+            )  # built like transformers' new lm head, so the random numbers drawn match for one seed
+            weight, bias = fresh.weight.data, fresh.bias.data
+            self._resized_rows(old_weight, weight, mean_resizing)
+            added = new_num_tokens - old_weight.shape[0]
+            if added > 0 and not mean_resizing:
+                bias.zero_()
+            elif added > 0:
+                mean, std = old_bias.float().mean(), old_bias.std().float()
+                bias[-added:].normal_(mean=float(mean), std=float(1e-9 * std))
+            head.decoder.weight = nn.Parameter(weight, requires_grad=old_weight.requires_grad)
+        keep = min(new_num_tokens, old_bias.shape[0])
+        bias[:keep] = old_bias[:keep]
+        head.bias = nn.Parameter(bias, requires_grad=old_bias.requires_grad)
+
     def logits(self, batch: PackedBatch, packed: Tensor) -> Tensor:
         ops, head = self.backend, self.head
         h = head.dense(packed, ops, act=head.act)
@@ -250,3 +281,45 @@ class AutoModelForMaskedLM(_Head):
         from transformers.modeling_outputs import MaskedLMOutput
 
         return MaskedLMOutput(loss=loss, logits=logits, hidden_states=hidden_states)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The classes from_pretrained builds: named as transformers names its class for the checkpoint's model_type
+# ----------------------------------------------------------------------------------------------------------
+
+#: transformers' class-name prefix per model_type (``BertForMaskedLM``, ``XLMRobertaModel``, ...).
+_NAME_PREFIX = {
+    "bert": "Bert",
+    "roberta": "Roberta",
+    "xlm-roberta": "XLMRoberta",
+    "distilbert": "DistilBert",
+    "electra": "Electra",
+}
+#: transformers' class-name suffix per fastbert Auto class.
+_NAME_SUFFIX = {
+    AutoModel: "Model",
+    AutoModelForSequenceClassification: "ForSequenceClassification",
+    AutoModelForTokenClassification: "ForTokenClassification",
+    AutoModelForQuestionAnswering: "ForQuestionAnswering",
+    AutoModelForMaskedLM: "ForMaskedLM",
+}
+
+
+def _define_named_classes() -> None:
+    """Define ``BertModel``, ``RobertaForSequenceClassification``, ... here: what fastbert's ``from_pretrained``
+    returns for each model_type (as transformers' Auto classes return ``BertModel``).
+
+    transformers checks some models by class name (pipelines compare ``type(model).__name__`` with its mapping
+    tables and log an error otherwise); these names pass that check. They are plain subclasses of the Auto class,
+    with nothing added, importable from ``fastbert.heads`` (so pickling works).
+    """
+    for model_type, prefix in _NAME_PREFIX.items():
+        for auto, suffix in _NAME_SUFFIX.items():
+            name = prefix + suffix
+            doc = f"fastbert's {auto.__name__} built for {model_type} checkpoints (named as transformers names it)."
+            named = type(name, (auto,), {"__module__": __name__, "__qualname__": name, "__doc__": doc})
+            globals()[name] = named
+            AutoModel._named[(auto, model_type)] = named
+
+
+_define_named_classes()
