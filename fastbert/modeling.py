@@ -283,8 +283,9 @@ class AutoModel(nn.Module):
         """
         hub, kwargs = cls._hub_options(kwargs)
         path = loading.resolve_path(path_or_id, **hub)
-        if kwargs.get("subfolder"):
-            path = path / kwargs.pop("subfolder")
+        subfolder = kwargs.pop("subfolder", "")
+        if subfolder:
+            path = path / subfolder
         config = kwargs.pop("config", None)
         hf_config = copy.deepcopy(config) if config is not None else loading.load_hf_config(path)
         device, dtype = cls._loading_options(hf_config, device, dtype, kwargs)

@@ -127,7 +127,9 @@ def test_transformers_options_are_accepted_with_a_one_time_note(tmp_path, caplog
     fastbert.AutoModel._noted.discard("attn_implementation")
     options = dict(attn_implementation="sdpa", low_cpu_mem_usage=True, trust_remote_code=False, use_safetensors=True)
     with caplog.at_level("WARNING", logger="fastbert"):
-        model = fastbert.AutoModel.from_pretrained(folder, local_files_only=True, revision="main", **options)
+        model = fastbert.AutoModel.from_pretrained(
+            folder, local_files_only=True, revision="main", subfolder="", _from_pipeline="x", **options
+        )
         model2 = fastbert.AutoModel.from_pretrained(folder, attn_implementation="eager")
     notes = [r.getMessage() for r in caplog.records if "attn_implementation" in r.getMessage()]
     assert len(notes) == 1 and "backend=" in notes[0], notes
