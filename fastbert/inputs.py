@@ -4,12 +4,17 @@ Three ways build a ``PackedBatch``: ``prepare`` from transformers-style padded a
 ``PackedBatch.from_lengths`` / the tokeniser (``fastbert.tokenize``) straight from token lists, and
 ``PackedBatch.packed`` from already packed tensors (``forward_packed``). ``with_defaults`` is the only place
 that fills default positions (RoBERTa: after ``pad_token_id``) and token types.
+
+Checks that read tensor values (id ranges, mask values) raise a ``ValueError`` naming the offending value. Under
+``torch.compile`` / ``torch.export`` values cannot be read while tracing: the same conditions are traced into the
+graph as ``torch._assert_async`` (a ``RuntimeError`` naming the bound, not the value, when one fails), so no check is
+dropped in either mode. Shape checks are ordinary Python on (symbolic) sizes and become guards.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +22,7 @@ from torch import Tensor
 
 from . import padding
 from .config import EncoderConfig
+from .padding import tracing
 
 
 @dataclass(frozen=True)
@@ -145,6 +151,18 @@ def check_kwargs(kwargs: dict) -> None:
             raise TypeError(f"unexpected argument {name!r}")
 
 
+def require(ok: Tensor, message: str, detail: Callable[[], str] | None = None) -> None:
+    """Raise ``ValueError(message + detail())`` unless the one-element bool tensor ``ok`` holds.
+
+    Eager: one device read; ``detail`` (called only on failure) names the offending value. Under ``tracing()``:
+    ``torch._assert_async(ok, message)``, traced into the graph and checked when it runs (a RuntimeError).
+    """
+    if tracing():
+        torch._assert_async(ok, message)
+    elif not bool(ok):
+        raise ValueError(message + (detail() if detail is not None else ""))
+
+
 def key_mask(attention_mask: Tensor | None, batch: int, seqlen: int, device: torch.device) -> Tensor:
     """A (batch, seqlen) bool mask, True = real token, from a 2-D 0/1/bool mask or a 4-D padding mask."""
     if attention_mask is None:
@@ -155,8 +173,7 @@ def key_mask(attention_mask: Tensor | None, batch: int, seqlen: int, device: tor
             raise ValueError(f"attention_mask has shape {tuple(m.shape)} but input has shape {(batch, seqlen)}")
         if m.dtype != torch.bool:
             bad = (m != 0) & (m != 1)
-            if bool(bad.any()):
-                raise ValueError(f"2-D attention_mask must hold 0/1 or bools, found {m[bad].flatten()[0].item()}")
+            require(~bad.any(), "2-D attention_mask must hold 0/1 or bools", lambda: f", found {m[bad][0].item()}")
             m = m != 0
         return m
     if m.dim() == 4:
@@ -170,18 +187,22 @@ def key_mask(attention_mask: Tensor | None, batch: int, seqlen: int, device: tor
         if m.dtype == torch.bool:
             keep = m  # True = attend
         elif m.is_floating_point():
-            if bool(torch.isnan(m).any()):
-                raise ValueError("4-D additive attention_mask contains NaN; use 0 (attend) or a large negative value")
+            require(
+                ~torch.isnan(m).any(),
+                "4-D additive attention_mask contains NaN; use 0 (attend) or a large negative value",
+            )
             keep = m == 0  # additive: 0 = attend, a large negative value = masked
-            if bool(((m != 0) & (m > torch.finfo(m.dtype).min / 2)).any()):
-                raise ValueError("4-D additive attention_mask must hold 0 (attend) or a large negative value (masked)")
+            require(
+                ~((m != 0) & (m > torch.finfo(m.dtype).min / 2)).any(),
+                "4-D additive attention_mask must hold 0 (attend) or a large negative value (masked)",
+            )
         else:
             raise ValueError(f"4-D attention_mask must be bool or an additive float mask, got {m.dtype}")
-        if not bool((keep == keep[:, :, :1, :]).all()):
-            raise ValueError(
-                "4-D attention_mask is not a plain padding mask (it differs between query positions); fastbert "
-                "supports padding masks only"
-            )
+        require(
+            (keep == keep[:, :, :1, :]).all(),
+            "4-D attention_mask is not a plain padding mask (it differs between query positions); fastbert "
+            "supports padding masks only",
+        )
         return keep[:, 0, 0, :]
     raise ValueError(
         f"attention_mask must be 2-D (batch, seqlen) or a 4-D padding mask, got {m.dim()}-D shape {tuple(m.shape)}"
@@ -201,6 +222,9 @@ def check_ids(name: str, ids: Tensor, upper: int, what: str) -> Tensor:
         raise ValueError(f"{name} is a meta tensor (no data); pass real ids")
     ids = ids.long()
     if ids.numel() == 0:
+        return ids
+    if tracing():  # the bounds as one assertion in the graph (see the module docstring)
+        require(((ids >= 0) & (ids < upper)).all(), f"{name} must hold values in [0, {upper}) ({what} is {upper})")
         return ids
     lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one device sync for both bounds
     if lo < 0:

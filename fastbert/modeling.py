@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import inputs, loading
+from . import inputs, loading, padding
 from .config import EncoderConfig
 from .inputs import PackedBatch
 from .ops import Backend, resolve_backend
@@ -175,14 +175,25 @@ class EncoderLayer(nn.Module):
 def first_tokens(packed: Tensor, cu_seqlens: Tensor) -> Tensor:
     """Each sequence's first packed token, (batch, hidden); zeros for empty sequences.
 
-    Selected, not multiplied by a 0/1 mask: a neighbour's NaN must not leak into an empty sequence's row.
+    Selected, not multiplied by a 0/1 mask: a neighbour's NaN must not leak into an empty sequence's row. An
+    empty sequence reads a zero row appended after the last token, so nothing branches on total_tokens (a
+    data-dependent size under torch.compile / torch.export).
     """
-    starts = cu_seqlens[:-1].long()
+    total = packed.shape[0]
     nonempty = cu_seqlens[1:] > cu_seqlens[:-1]
-    if packed.shape[0] == 0:
-        return packed.new_zeros(starts.shape[0], packed.shape[1])
-    rows = packed.index_select(0, starts.clamp(max=packed.shape[0] - 1))
-    return torch.where(nonempty[:, None], rows, rows.new_zeros(()))
+    starts = torch.where(nonempty, cu_seqlens[:-1].long(), total)  # (batch,)
+    return torch.cat([packed, packed.new_zeros(1, packed.shape[1])]).index_select(0, starts)
+
+
+def refuse_onnx_export() -> None:
+    """Raise a clear error inside ``torch.onnx.export``, which cannot translate fastbert's own ops."""
+    if torch.onnx.is_in_onnx_export():
+        raise NotImplementedError(
+            "fastbert models cannot be exported to ONNX: their fused ops (torch.ops.fastbert.*) have no ONNX form. "
+            "Export the transformers model instead: the one the checkpoint came from "
+            "(transformers.AutoModel.from_pretrained(path)), or a model given to fastbert.optimize() after "
+            "fastbert.restore(model). torch.export.export works on fastbert models."
+        )
 
 
 def finish(out, return_dict: bool | None):
@@ -372,13 +383,20 @@ class AutoModel(nn.Module):
         defaults (``inputs.with_defaults``). If ``hidden_states`` is a list, the embedding output and every
         layer's output are appended to it.
         """
+        refuse_onnx_export()
         batch = inputs.with_defaults(self.cfg, inputs.check_batch(self.cfg, batch))
         ops = self.backend
+        max_seqlen = batch.max_seqlen
+        if ops.name == "cpp" and padding.tracing():
+            # Traced, max_seqlen is the symbolic padded width; the C++ op's schema takes an `int`, which would
+            # specialise the graph on it (one compile per seqlen). 0 asks the op to find the longest sequence in
+            # cu_seqlens itself, which it reads anyway to check it.
+            max_seqlen = 0
         x = self.embeddings(batch, ops)  # (T, hidden)
         if hidden_states is not None:
             hidden_states.append(x)
         for layer in self.layers:
-            x = layer(x, batch.cu_seqlens, batch.max_seqlen, ops)
+            x = layer(x, batch.cu_seqlens, max_seqlen, ops)
             if hidden_states is not None:
                 hidden_states.append(x)
         return x

@@ -3,6 +3,11 @@
 ``unpad`` turns a (batch, seqlen) mask into the indices of the real tokens and int32 ``cu_seqlens``;
 ``pad`` scatters packed rows back. ``cu_seqlens_from_lengths`` builds the same from a list of lengths
 (text encoders produce lengths directly and never build a padded tensor).
+
+Under ``torch.compile`` / ``torch.export`` (``tracing()``) the number of real tokens is a data-dependent size:
+``real_token_indices`` is ``nonzero`` as an op of its own whose fake implementation gives its length an
+unbacked size, so dynamo traces it instead of breaking the graph, and ``max_seqlen`` is the padded width (an
+upper bound of every length, known from the shape) instead of a value read back from the device.
 """
 
 from __future__ import annotations
@@ -13,13 +18,36 @@ import torch
 from torch import Tensor
 
 
+def tracing() -> bool:
+    """Whether torch.compile or torch.export is tracing this call (tensor values cannot be read)."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+@torch.library.custom_op("fastbert::real_token_indices", mutates_args=())
+def real_token_indices(mask: Tensor) -> Tensor:
+    """Flat row-major indices (total_tokens,) int64 of the True entries of a (batch, seqlen) bool mask.
+
+    ``torch.nonzero``, wrapped as an op so that its value-dependent length is an unbacked size under tracing
+    (dynamo breaks the graph at a bare ``nonzero`` unless ``capture_dynamic_output_shape_ops`` is set).
+    """
+    return torch.nonzero(mask.reshape(-1)).flatten()
+
+
+@real_token_indices.register_fake
+def _real_token_indices_fake(mask: Tensor) -> Tensor:
+    total = torch.library.get_ctx().new_dynamic_size()
+    torch._check(total <= mask.numel())
+    return mask.new_empty(total, dtype=torch.int64)
+
+
 @dataclass
 class Packing:
     """Where the real tokens of a padded (batch, seqlen) batch live in the packed stream.
 
     indices: (total_tokens,) int64 flat indices into batch * seqlen, row-major, in sequence order.
     cu_seqlens: (batch + 1,) int32 cumulative lengths. max_seqlen: longest sequence (a host int, so kernels
-    never need a device-to-host sync). lengths: (batch,) int64.
+    never need a device-to-host sync; under ``tracing()`` the padded width seqlen, a symbolic upper bound).
+    lengths: (batch,) int64.
     """
 
     indices: Tensor
@@ -39,10 +67,12 @@ def unpad(mask: Tensor) -> Packing:
     batch, seqlen = mask.shape
     mask = mask.bool()
     lengths = mask.sum(dim=1)
-    indices = torch.nonzero(mask.reshape(-1), as_tuple=False).flatten()
-    cu_seqlens = torch.zeros(batch + 1, dtype=torch.int32, device=mask.device)
-    torch.cumsum(lengths, dim=0, out=cu_seqlens[1:])
-    max_seqlen = int(lengths.max()) if batch > 0 else 0
+    indices = real_token_indices(mask)
+    cu_seqlens = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, dim=0)]).to(torch.int32)
+    if tracing():
+        max_seqlen = seqlen  # the longest length is a device value; the padded width bounds it
+    else:
+        max_seqlen = int(lengths.max()) if batch > 0 else 0
     return Packing(indices, cu_seqlens, max_seqlen, lengths, batch, seqlen)
 
 

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .padding import tracing
+
 #: Activation names understood by every backend (``None`` = identity).
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "tanh")
 
@@ -137,20 +139,26 @@ def attention(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, num_heads: int, 
     hidden = qkv.shape[1] // 3
     head_dim = hidden // num_heads
     batch = cu_seqlens.numel() - 1
-    out = qkv.new_empty(total, hidden)
-    if total == 0 or batch == 0:
-        return out
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    seqlen = int(max_seqlen) if max_seqlen > 0 else int(lengths.max())
+    if batch == 0:
+        return qkv.new_empty(total, hidden)
+    cu = cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]
+    # max_seqlen may be symbolic (torch.compile / export pass the padded width); compute it only when not given.
+    seqlen = max_seqlen if max_seqlen > 0 else int(lengths.max())
+    if not tracing() and int(lengths.max()) > seqlen:
+        raise ValueError(
+            f"max_seqlen = {max_seqlen} is smaller than the longest sequence ({int(lengths.max())} tokens)"
+        )
     # Scatter packed tokens into a (batch, seqlen) grid once, run dense attention with a key mask, gather back.
-    pos = torch.arange(seqlen, device=qkv.device)
-    valid = pos[None, :] < lengths[:, None]  # (batch, seqlen)
-    grid = qkv.new_zeros(batch, seqlen, 3, num_heads, head_dim)
-    grid[valid] = qkv.view(total, 3, num_heads, head_dim)
+    # Integer indices rather than a boolean mask, and no branch on total: both would read a data-dependent size.
+    seq = torch.repeat_interleave(torch.arange(batch, device=qkv.device), lengths, output_size=total)  # (T,)
+    slot = torch.arange(total, device=qkv.device) + seq * seqlen - cu[seq]  # (T,) row in the flat grid
+    grid = qkv.new_zeros(batch * seqlen, 3, num_heads, head_dim)
+    grid = grid.index_copy(0, slot, qkv.view(total, 3, num_heads, head_dim)).view(batch, seqlen, 3, num_heads, head_dim)
+    valid = torch.arange(seqlen, device=qkv.device)[None, :] < lengths[:, None]  # (batch, seqlen)
     q, k, v = (grid[:, :, i].transpose(1, 2).to(_stat_dtype(qkv)) for i in range(3))  # (batch, heads, seq, dim)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~valid[:, None, None, :], -math.inf)
-    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # rows of empty sequences have no keys at all
-    ctx = torch.matmul(probs, v).transpose(1, 2).reshape(batch, seqlen, hidden)  # (batch, seq, hidden)
-    out[:] = ctx[valid].to(qkv.dtype)
-    return out
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows of empty sequences have no keys at all
+    ctx = torch.matmul(probs, v).transpose(1, 2).reshape(batch * seqlen, hidden)  # (batch * seq, hidden)
+    return ctx.index_select(0, slot).to(qkv.dtype)
