@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import loading
-from .config import EncoderConfig
+from .config import EncoderConfig, UnsupportedModelError
 from .modeling import AutoModel, Linear
 
 _ATTR = "_fastbert_encoder"
@@ -36,6 +36,11 @@ SUPPORTED = (
 
 #: sentence-transformers classes whose transformers models optimize() reaches.
 _ST_CLASSES = ("SentenceTransformer", "CrossEncoder")
+
+
+class NotOptimizableError(UnsupportedModelError, TypeError):
+    """A transformers model of a family fastbert does not run: a TypeError (what optimize() raises for anything it
+    cannot optimise) and still an UnsupportedModelError, as loading raises for the same checkpoint."""
 
 
 def _is_sentence_transformers(obj: object) -> bool:
@@ -136,19 +141,18 @@ def optimize(model: nn.Module, backend: str = "auto") -> nn.Module:
     ``encode`` / ``predict`` / ``similarity`` are unchanged). Parameters are shared, not copied. Outputs keep
     transformers' classes. Call ``restore(model)`` to undo. Anything else raises TypeError naming what is supported.
     """
-    targets = _targets(model)
-    for target in targets:
-        _optimize_one(target, backend)
+    pending = []
+    for target in _targets(model):
+        base = _base_of(target)
+        if _ATTR not in base.__dict__:
+            try:
+                pending.append((base, _shared_encoder(base, backend)))
+            except UnsupportedModelError as exc:
+                raise NotOptimizableError(f"optimize(): {exc}. fastbert optimises {SUPPORTED}") from exc
+    for base, enc in pending:  # every model checked before any is changed
+        object.__setattr__(base, _ATTR, enc)  # not a submodule: stays out of state_dict / save_pretrained
+        base.forward = types.MethodType(_fast_forward, base)
     return model
-
-
-def _optimize_one(model: nn.Module, backend: str) -> None:
-    base = _base_of(model)
-    if _ATTR in base.__dict__:
-        return
-    enc = _shared_encoder(base, backend)
-    object.__setattr__(base, _ATTR, enc)  # not a submodule: stays out of state_dict / save_pretrained
-    base.forward = types.MethodType(_fast_forward, base)
 
 
 def restore(model: nn.Module) -> nn.Module:

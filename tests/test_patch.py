@@ -73,3 +73,15 @@ def test_optimized_model_saves_like_transformers(tmp_path):
 def test_optimize_refuses_other_models():
     with pytest.raises(TypeError, match="transformers PreTrainedModel"):
         fastbert.optimize(torch.nn.Linear(2, 2))
+
+
+def test_optimize_refuses_unsupported_families_with_a_type_error():
+    """A transformers model of a family fastbert does not run: TypeError naming what is supported (and still the
+    UnsupportedModelError loading raises), and the model is left as it was."""
+    from transformers import GPT2Config, GPT2Model
+
+    gpt2 = GPT2Model(GPT2Config(n_layer=1, n_embd=32, n_head=2))
+    for kind in (TypeError, fastbert.UnsupportedModelError):
+        with pytest.raises(kind, match="gpt2.*SentenceTransformer"):
+            fastbert.optimize(gpt2)
+    assert not is_optimized(gpt2)
