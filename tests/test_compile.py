@@ -119,3 +119,11 @@ def test_onnx_export_names_the_transformers_path(checkpoint, tmp_path, monkeypat
     monkeypatch.setattr(_flags, "_is_onnx_exporting", True)
     with pytest.raises(NotImplementedError, match="fastbert.restore"):
         model(input_ids=ids, attention_mask=mask)
+
+
+def test_real_token_indices_opcheck():
+    from fastbert.padding import real_token_indices
+
+    for mask in (torch.tensor([[1, 1, 0], [0, 1, 1]], dtype=torch.bool), torch.zeros(2, 4, dtype=torch.bool)):
+        torch.library.opcheck(real_token_indices, (mask,))
+        assert torch.equal(real_token_indices(mask), torch.nonzero(mask.reshape(-1)).flatten())
