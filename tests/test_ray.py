@@ -89,15 +89,16 @@ def test_ray_data_corpus_equals_single_process_encode(tmp_path):
     start_ray(ray)
     try:
         source, sink = tmp_path / "corpus", tmp_path / "vectors"
-        ray.data.from_items([{"id": i, "text": t} for i, t in enumerate(texts)]).write_parquet(str(source))
+        rows = [{"id": i, "text": t} for i, t in enumerate(texts)]
+        ray.data.from_items(rows, override_num_blocks=8).write_parquet(str(source))  # 8 files, not 200
         ds = ray.data.read_parquet(str(source))
         embed_dataset(ds, MINILM, concurrency=2, num_cpus=1, rows_per_batch=2000).write_parquet(str(sink))
-        rows = ray.data.read_parquet(str(sink)).to_pandas()
+        out = ray.data.read_parquet(str(sink)).to_pandas()
     finally:
         ray.shutdown()
 
-    assert len(rows) == N_TEXTS
-    rows = rows.sort_values("id")
+    assert len(out) == N_TEXTS
+    rows = out.sort_values("id")
     np.testing.assert_array_equal(rows["id"].to_numpy(), np.arange(N_TEXTS))
     assert rows["text"].to_list() == texts
     got = np.stack(rows["embedding"].to_list()).astype(np.float32)  # (n, 384)
