@@ -130,7 +130,9 @@ def with_defaults(cfg: EncoderConfig, batch: PackedBatch) -> PackedBatch:
 # ----------------------------------------------------------------------------------------------------------
 
 _UNSUPPORTED = ("head_mask", "encoder_hidden_states", "encoder_attention_mask", "past_key_values")
-_IGNORABLE = ("use_cache", "cache_position")
+# Accepted and ignored, as transformers' encoders do: cache flags, and what transformers.Trainer passes to every
+# model (num_items_in_batch, for its loss normalisation).
+_IGNORABLE = ("use_cache", "cache_position", "num_items_in_batch")
 
 
 def check_kwargs(kwargs: dict) -> None:

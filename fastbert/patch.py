@@ -23,7 +23,7 @@ from torch import nn
 
 from . import loading
 from .config import EncoderConfig, UnsupportedModelError
-from .modeling import AutoModel, Linear
+from .modeling import TRAINING_UNSUPPORTED, AutoModel, Linear
 
 _ATTR = "_fastbert_encoder"
 
@@ -129,6 +129,8 @@ def _shared_encoder(base: nn.Module, backend: str) -> AutoModel:
 
 def _fast_forward(self, *args, **kwargs):
     enc = getattr(self, _ATTR)
+    if self.training:  # model.train() on the transformers object (Trainer.train() calls it)
+        raise NotImplementedError(TRAINING_UNSUPPORTED)
     enc.follow_device()  # the transformers model may have been moved: its parameters are the encoder's
     return enc(*args, **kwargs)
 

@@ -216,3 +216,38 @@ def test_optimize_keeps_one_copy_of_qkv(bert_path):
     attn = hf.encoder.layer[0].attention.self
     storages = {p.untyped_storage().data_ptr() for p in (attn.query.weight, attn.key.weight, attn.value.weight)}
     assert len(storages) == 1
+
+
+# -- training is refused, not silently wrong (issue 12 will make it work) --
+
+
+def test_train_mode_is_refused(bert_path):
+    import transformers
+
+    fb = fastbert.AutoModelForSequenceClassification.from_pretrained(bert_path, backend="torch")
+    with pytest.raises(NotImplementedError, match="inference only"):
+        fb.train()
+    fb.eval()  # eval() and train(False) still work
+    fb.train(False)
+    assert not fb.training and not any(m.training for m in fb.modules())
+    direct = fastbert.AutoModel(transformers.AutoConfig.from_pretrained(bert_path), backend="torch")
+    assert not direct.training  # built in eval mode, not in torch's default train mode
+
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(bert_path).eval()
+    fastbert.optimize(hf)
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        hf(input_ids=ids)
+    hf.train()  # what Trainer.train() does first
+    with pytest.raises(NotImplementedError, match="inference only"):
+        hf(input_ids=ids, labels=torch.tensor([1]))
+
+
+def test_trainer_keyword_arguments_accepted(bert_path):
+    """transformers.Trainer passes num_items_in_batch to every model (train, evaluate, predict)."""
+    fb = fastbert.AutoModelForSequenceClassification.from_pretrained(bert_path, backend="torch")
+    ids, mask = random_batch("bert", [4, 2])
+    with torch.no_grad():
+        ref = fb(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1]))
+        out = fb(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1]), num_items_in_batch=2)
+    assert torch.equal(out.logits, ref.logits) and torch.equal(out.loss, ref.loss)
