@@ -105,7 +105,7 @@ def embed_dataset(
 
     concurrency: the number of actors, each holding one encoder; num_cpus / num_gpus: what each actor reserves
     (its torch thread count follows num_cpus). rows_per_batch: rows Ray hands an actor per call;
-    batch_size: the encoder's own batch size (its token budget, ``batch_size * 128`` tokens per forward).
+    batch_size: the encoder's own batch size (texts per forward, as in sentence-transformers).
     encoder_kwargs: ``Embedder``'s remaining arguments (``prompt_name``, ``threads``, ``dtype``, ``backend``...).
     """
     if num_gpus and "device" not in encoder_kwargs:
