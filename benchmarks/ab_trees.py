@@ -96,6 +96,7 @@ def main() -> int:
         "host": env.host(),
         "git": {name: env_git(tree) for name, tree in trees.items()},
         "command": " ".join(["python", *sys.argv]),
+        "FASTBERT_CPU_ISA": os.environ.get("FASTBERT_CPU_ISA"),
         "trees": {k: str(v) for k, v in trees.items()},
         "rounds": args.rounds,
     }
@@ -115,7 +116,12 @@ def main() -> int:
             f"| {t['model']} | {t['size']} | {t['system']} | {t['old_vs_eager']:.3f} | {t['new_vs_eager']:.3f} | "
             f"{t['new_over_old_median']:.3f} ({t['new_over_old_min']:.3f}-{t['new_over_old_max']:.3f}) |"
         )
-    lines[1:1] = ["", f"- CPU: {meta['cpu']}; trees: " + ", ".join(f"{k} {v}" for k, v in meta["git"].items())]
+    isa = meta["FASTBERT_CPU_ISA"]
+    lines[1:1] = [
+        "",
+        f"- CPU: {meta['cpu']}; trees: " + ", ".join(f"{k} {v}" for k, v in meta["git"].items()),
+        f"- FASTBERT_CPU_ISA={isa} for both trees" if isa else "- each tree's own kernel-table choice",
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     save(args.out, {"meta": meta, "cells": table}, lambda path, _result: Path(path).write_text(text))

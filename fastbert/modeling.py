@@ -29,8 +29,10 @@ class Linear(nn.Module):
 
     The weight is read where it lives, on every call: there is no derived copy that a write through ``.data``
     (PEFT's LoRA merge, pruning, weight tying; ``.data`` writes do not bump the version counter) could leave
-    stale. A oneDNN-prepacked copy, kept until issue 15, measured 1-6% faster on the whole model (AMD EPYC,
-    AVX2, 2 threads) and is not worth a silently wrong answer.
+    stale. The cost, measured on a quiet 2-core AMD EPYC (AVX2): oneDNN then reorders the weight on every call,
+    17-27% slower at (1,32) and ~20% on MiniLM's var-len batch, 0-7% at (8,128) (benchmarks/results/ab-trees.md;
+    an earlier A/B on a loaded host had shown only 1-6%). An explicit frozen inference mode that keeps only the
+    prepacked form would win it back (open).
 
     ``Linear.fused(parts)`` (for ``fastbert.optimize``): the row-concatenation of other modules' (weight, bias)
     parameters, e.g. transformers' Q, K and V. Those parameters become views of one fused tensor, so every write
