@@ -131,7 +131,7 @@ if UNAVAILABLE_REASON is None:
         return qkv.new_empty(qkv.shape[0], qkv.shape[1] // 3)
 
     # Every op's schema (csrc/ops.cpp) is the contract's signature, names, order and defaults: the backend's
-    # functions are the torch ops themselves, no Python wrapper per call. The schema takes any Python / numpy
+    # functions are the torch ops themselves, no Python wrapper per call (but attention, below). The schema takes any Python / numpy
     # number for a ``float`` and an integer for an ``int``, so no casts are needed either.
     embeddings = _ops.embeddings
     add_layernorm = _ops.add_layernorm
@@ -139,7 +139,17 @@ if UNAVAILABLE_REASON is None:
     bias_residual_layernorm = _ops.bias_residual_layernorm
     linear = _ops.linear
     linear_residual_layernorm = _ops.linear_residual_layernorm
-    attention = _ops.attention
+
+    def attention(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, num_heads: int, scale: float) -> Tensor:
+        """Packed-sequence attention; see ``fastbert.reference.attention``.
+
+        The one wrapper kept: traced (torch.compile / export), ``max_seqlen`` is a symbolic size and the schema's
+        ``int`` would specialise the graph on it (one compile per sequence length); 0 makes the op take the
+        longest sequence from ``cu_seqlens``, which it reads anyway. (A ``SymInt`` schema would remove this.)
+        """
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            max_seqlen = 0
+        return _ops.attention(qkv, cu_seqlens, max_seqlen, num_heads, scale)
 
 
 def isa(name: str = "") -> str:

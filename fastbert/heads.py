@@ -125,10 +125,8 @@ class AutoModelForSequenceClassification(_Head):
         return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states)
 
 
-class AutoModelForTokenClassification(_Head):
-    """Per-token classification (NER); logits (batch, seqlen, num_labels), loss ignores label -100."""
-
-    task = "token-classification"
+class _PerTokenLinearHead(_Head):
+    """A head that is one linear layer on every token (token classification, extractive QA)."""
 
     def uses_pooler(self) -> bool:
         return False
@@ -138,6 +136,12 @@ class AutoModelForTokenClassification(_Head):
 
     def logits(self, batch: PackedBatch, packed: Tensor) -> Tensor:
         return self.head.out_proj(packed, self.backend)  # (T, num_labels)
+
+
+class AutoModelForTokenClassification(_PerTokenLinearHead):
+    """Per-token classification (NER); logits (batch, seqlen, num_labels), loss ignores label -100."""
+
+    task = "token-classification"
 
     def loss(self, logits: Tensor, targets: tuple[Tensor | None, ...]) -> Tensor:
         labels = targets[0].to(logits.device)
@@ -149,19 +153,10 @@ class AutoModelForTokenClassification(_Head):
         return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states)
 
 
-class AutoModelForQuestionAnswering(_Head):
+class AutoModelForQuestionAnswering(_PerTokenLinearHead):
     """Extractive QA: start/end logits (batch, seqlen); loss = mean of start and end cross-entropies."""
 
-    task = "question-answering"
-
-    def uses_pooler(self) -> bool:
-        return False
-
-    def build_head(self) -> nn.Module:
-        return ClassificationHead(self.cfg.hidden_size, self.config.num_labels)
-
-    def logits(self, batch: PackedBatch, packed: Tensor) -> Tensor:
-        return self.head.out_proj(packed, self.backend)  # (T, 2): start, end
+    task = "question-answering"  # num_labels == 2: start and end logits
 
     def forward(
         self,

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import inputs, padding
+from . import inputs
 from .config import EncoderConfig
 from .inputs import PackedBatch
 from .ops import Backend, resolve_backend
@@ -294,11 +294,6 @@ class AutoModel(PreTrainedMixin, nn.Module):
         batch = inputs.with_defaults(self.cfg, inputs.check_batch(self.cfg, batch))
         ops = self.backend
         max_seqlen = batch.max_seqlen
-        if ops.name == "cpp" and padding.tracing():
-            # Traced, max_seqlen is the symbolic padded width; the C++ op's schema takes an `int`, which would
-            # specialise the graph on it (one compile per seqlen). 0 asks the op to find the longest sequence in
-            # cu_seqlens itself, which it reads anyway to check it.
-            max_seqlen = 0
         x = self.embeddings(batch, ops)  # (T, hidden)
         if hidden_states is not None:
             hidden_states.append(x)
