@@ -42,6 +42,11 @@ class BackendOps(Protocol):
 
     ``fastbert.reference`` defines what each computes and the tensor shapes; ``fastbert._cpp`` and
     ``fastbert.kernels`` implement the same functions. ``OPS`` (below) is read from this class.
+
+    Every op is differentiable on every backend (training): the torch backend through PyTorch's autograd, the
+    cpp and triton backends through gradients registered once per op with ``torch.library.register_autograd``
+    (their own backward kernels). Attention's dropout draws its mask from ``reference.dropout_bits``, the same
+    counter-based hash on every backend, so backward regenerates it and backends agree bit for bit on it.
     """
 
     def embeddings(
@@ -85,7 +90,16 @@ class BackendOps(Protocol):
         packed: Any = None,
     ) -> Tensor: ...
 
-    def attention(self, qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, num_heads: int, scale: float) -> Tensor: ...
+    def attention(
+        self,
+        qkv: Tensor,
+        cu_seqlens: Tensor,
+        max_seqlen: int,
+        num_heads: int,
+        scale: float,
+        dropout_p: float = 0.0,
+        seed: Tensor | None = None,
+    ) -> Tensor: ...
 
 
 #: The names of the ops in the contract, in the order ``BackendOps`` declares them (Protocol's own dunder

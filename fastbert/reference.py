@@ -128,19 +128,87 @@ def linear_residual_layernorm(
     return bias_residual_layernorm(F.linear(x, weight), bias, residual, ln_weight, ln_bias, eps)
 
 
-def attention(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, num_heads: int, scale: float) -> Tensor:
-    """Non-causal multi-head attention over packed sequences.
+# ----------------------------------------------------------------------------------------------------------
+# Attention dropout: one counter-based hash, identical in every backend
+# ----------------------------------------------------------------------------------------------------------
+
+_U32 = 0xFFFFFFFF
+
+
+def _fmix32(x: Tensor) -> Tensor:
+    """MurmurHash3's 32-bit finaliser on int64 tensors holding values in [0, 2**32) (a bijection of uint32)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _U32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _U32
+    return x ^ (x >> 16)
+
+
+def dropout_threshold(p: float) -> int:
+    """The uint32 threshold of attention dropout at rate p: a probability is kept when its bits are >= it.
+
+    floor(p * 2**32), computed on the host in float64 by every backend, so all of them keep the same entries.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"attention dropout_p must be in [0, 1), got {p}")
+    return int(p * 4294967296.0)
+
+
+def dropout_bits(seed: int | Tensor, head: Tensor, row: Tensor, col: Tensor) -> Tensor:
+    """The uint32 random bits (as int64) deciding whether query ``row`` keeps key ``col`` in ``head``.
+
+    seed: in [0, 2**32); head: head index; row: the query's packed token index (0 .. total_tokens - 1); col: the
+    key's index within its sequence (0 .. len - 1). All broadcast. The C++ and Triton kernels compute exactly
+    this (three rounds of ``_fmix32``), so a mask is regenerated in backward and is the same on every backend:
+
+        x = fmix32((seed + head * 0x9E3779B9) mod 2**32)
+        x = fmix32((x + row) mod 2**32)
+        bits = fmix32((x + col) mod 2**32)
+    """
+    seed = torch.as_tensor(seed, dtype=torch.int64, device=head.device)
+    x = _fmix32((seed + head.long() * 0x9E3779B9) & _U32)
+    x = _fmix32((x + row.long()) & _U32)
+    return _fmix32((x + col.long()) & _U32)
+
+
+def check_dropout(dropout_p: float, seed: Tensor | None) -> None:
+    """Attention dropout arguments: p in [0, 1); a seed (int64 tensor of one element) when p > 0."""
+    dropout_threshold(dropout_p)
+    if dropout_p > 0 and seed is None:
+        raise ValueError(f"attention dropout_p = {dropout_p} needs a seed (an int64 tensor of one element)")
+    if seed is not None and (seed.numel() != 1 or seed.dtype != torch.int64):
+        raise ValueError(
+            f"attention seed must be an int64 tensor of one element, got {seed.dtype} of shape {tuple(seed.shape)}"
+        )
+
+
+def attention(
+    qkv: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    num_heads: int,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed: Tensor | None = None,
+) -> Tensor:
+    """Non-causal multi-head attention over packed sequences, with optional dropout on the probabilities.
 
     qkv: (total_tokens, 3 * num_heads * head_dim), laid out [q heads | k heads | v heads] per token (the fused
     QKV projection's output). cu_seqlens: int32 (batch + 1,). Token i attends only to tokens of its own
     sequence. Softmax in fp32 (fp64 for fp64 input). Returns (total_tokens, num_heads * head_dim).
+
+    dropout_p > 0 (training, as transformers' ``attention_probs_dropout_prob``): probability (head, query row i,
+    key j) is kept when ``dropout_bits(seed, head, i, j) >= dropout_threshold(dropout_p)`` and then scaled by
+    1 / (1 - dropout_p); the softmax normaliser counts every key. seed: int64 tensor of one element in
+    [0, 2**32), on qkv's device.
     """
+    check_dropout(dropout_p, seed)
     total = qkv.shape[0]
     hidden = qkv.shape[1] // 3
     head_dim = hidden // num_heads
     batch = cu_seqlens.numel() - 1
     if batch == 0:
-        return qkv.new_empty(total, hidden)
+        return qkv.new_zeros(total, hidden) + 0 * qkv.sum()  # keeps the graph: a gradient of zeros, not None
     cu = cu_seqlens.long()
     lengths = cu[1:] - cu[:-1]
     # max_seqlen may be symbolic (torch.compile / export pass the padded width); compute it only when not given.
@@ -160,5 +228,11 @@ def attention(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, num_heads: int, 
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~valid[:, None, None, :], -math.inf)
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows of empty sequences have no keys at all
+    if dropout_p > 0:
+        pos = torch.arange(seqlen, device=qkv.device)
+        heads = torch.arange(num_heads, device=qkv.device)[None, :, None, None]
+        rows = (cu[:-1, None] + pos[None, :])[:, None, :, None]  # (batch, 1, seq, 1): packed query index
+        bits = dropout_bits(seed.reshape(()), heads, rows, pos[None, None, None, :])  # (batch, heads, seq, seq)
+        probs = probs * (bits >= dropout_threshold(dropout_p)).to(probs.dtype) / (1.0 - dropout_p)
     ctx = torch.matmul(probs, v).transpose(1, 2).reshape(batch * seqlen, hidden)  # (batch * seq, hidden)
     return ctx.index_select(0, slot).to(qkv.dtype)
