@@ -23,6 +23,53 @@ struct AttnTask {
   int32_t q1;
 };
 
+// Attention forward: qkv rows hold [q heads | k heads | v heads]; ld_* are row strides in elements; max_len
+// bounds every task's len (sizes the scratch buffers). Dropout (threshold > 0): probability (head, packed query
+// row i, key j) is kept iff dropout_bits(seed, head, i, j) >= threshold (kernels_dropout.h), kept ones scaled by
+// keep_scale = 1 / (1 - p). lse (null: not saved): lse[head * ld_lse + row] = log sum_j exp(scores), fp32.
+struct AttnArgs {
+  const void* qkv;
+  int64_t ld_qkv;
+  void* out;
+  int64_t ld_out;
+  float* lse;
+  int64_t ld_lse;
+  int num_heads, head_dim, max_len;
+  float scale;
+  bool bf16;
+  uint32_t seed, threshold;
+  float keep_scale;
+};
+
+// Attention backward: recomputes the probabilities from q, k and the saved lse; writes d(qkv) in the [q|k|v]
+// layout. One task per (sequence, head) holding the whole sequence (q0 = 0, q1 = len): every task writes its
+// own columns of its own rows, so tasks never race and the result does not depend on how they are shared out.
+struct AttnBwdArgs {
+  const void* qkv;
+  int64_t ld_qkv;
+  const void* out;
+  int64_t ld_out;
+  const void* dout;
+  int64_t ld_dout;
+  const float* lse;
+  int64_t ld_lse;
+  void* dqkv;
+  int64_t ld_dqkv;
+  int num_heads, head_dim, max_len;
+  float scale;
+  bool bf16;
+  uint32_t seed, threshold;
+  float keep_scale;
+};
+
+// Query rows one attention micro-kernel call handles, with their dropout keys (kernels_dropout.h).
+constexpr int kQRows = 8;
+struct DropRows {
+  uint32_t key[kQRows];  // dropout_row_key(seed, head, row) of each row
+  uint32_t threshold;
+  float keep_scale;
+};
+
 struct Kernels {
   const char* name;
   // out[r] = LayerNorm(x[r] + bias + res[r]) * gamma + beta for rows [r0, r1). res/bias may be null.
@@ -39,10 +86,34 @@ struct Kernels {
                      const int64_t* tt_ids, const void* word, int64_t sw, const void* pos, int64_t sp,
                      const void* type, int64_t st, const float* gamma, const float* beta, float eps, void* out,
                      bool bf16);
-  // Runs tasks[0..n) one after another (one thread's share). qkv rows hold [q heads | k heads | v heads];
-  // ld_* are row strides in elements; max_len bounds every task's len (sizes the scratch buffers).
-  void (*attention)(const AttnTask* tasks, int64_t n, const void* qkv, int64_t ld_qkv, int num_heads,
-                    int head_dim, float scale, void* out, int64_t ld_out, int max_len, bool bf16);
+  // Runs tasks[0..n) one after another (one thread's share).
+  void (*attention)(const AttnArgs& a, const AttnTask* tasks, int64_t n);
+  // Backward of attention for tasks[0..n) (whole (sequence, head) tasks, see AttnBwdArgs).
+  void (*attention_backward)(const AttnBwdArgs& a, const AttnTask* tasks, int64_t n);
+  // Backward of out = LayerNorm(h) * gamma + beta, h = x + bias + res recomputed (res/bias may be null), rows
+  // [r0, r1): dx[r] = dL/dh[r] (stored, dx may be null); adds dy * xhat to dgamma, dy to dbeta and dx (fp32,
+  // before rounding) to dsum (dsum may be null). dy and dx share x's storage dtype.
+  void (*layernorm_backward)(int64_t r0, int64_t r1, int64_t n, const void* x, int64_t sx, const void* res,
+                             int64_t sr, const float* bias, const float* gamma, float eps, const void* dy,
+                             int64_t sdy, void* dx, int64_t sdx, float* dgamma, float* dbeta, float* dsum, bool bf16);
+  // Backward of out = act(x + bias), rows [r0, r1): dx[r] = dy[r] * act'(x[r] + bias) (dx may be null: not
+  // stored); adds dx (fp32) to dsum. bias may be null.
+  void (*bias_activation_backward)(int64_t r0, int64_t r1, int64_t n, const void* x, int64_t sx, const float* bias,
+                                   int act, const void* dy, int64_t sdy, void* dx, int64_t sdx, float* dsum,
+                                   bool bf16);
+  // Backward of the embeddings' LayerNorm for tokens [t0, t1): dh[t] (fp32, t * e) = dL/d(word + pos + type);
+  // adds dy * xhat to dgamma and dy to dbeta. dy rows are sdy elements apart, in the tables' dtype.
+  void (*embeddings_backward)(int64_t t0, int64_t t1, int64_t e, const int64_t* ids, const int64_t* pos_ids,
+                              const int64_t* tt_ids, const void* word, int64_t sw, const void* pos, int64_t sp,
+                              const void* type, int64_t st, const float* gamma, float eps, const void* dy,
+                              int64_t sdy, float* dh, float* dgamma, float* dbeta, bool bf16);
+  // dst[r] = sum of src[tokens[k]] for k in [offsets[r], offsets[r + 1]), in that order, rows [r0, r1); rows
+  // of e floats, contiguous (the scatter-add of an embedding backward, one owner per table row).
+  void (*gather_sum_rows)(int64_t r0, int64_t r1, int64_t e, const int64_t* offsets, const int64_t* tokens,
+                          const float* src, float* dst);
+  // out[i] = dropout_bits(seed, head[i], row[i], col[i]) for i < n (exposes the kernels' hash to the tests).
+  void (*dropout_bits)(int64_t n, uint32_t seed, const int64_t* head, const int64_t* row, const int64_t* col,
+                       int64_t* out);
 };
 
 namespace base {

@@ -20,6 +20,7 @@
 namespace fastbert {
 namespace avx2 {
 #define FASTBERT_ISA_NAME "avx2"
+#include "kernels_dropout.h"
 #include "kernels_impl.h"
 #undef FASTBERT_ISA_NAME
 }  // namespace avx2
@@ -35,6 +36,7 @@ namespace avx2 {
 namespace fastbert {
 namespace avx2 {
 #define FASTBERT_ISA_NAME "avx2"
+#include "kernels_dropout.h"
 #include "kernels_impl.h"
 #undef FASTBERT_ISA_NAME
 }  // namespace avx2

@@ -24,6 +24,8 @@
 namespace fastbert {
 namespace avx512 {
 
+#include "kernels_dropout.h"
+
 // exp(x) for x <= 0 (softmax after max subtraction): x = n ln2 + r, |r| <= ln2/2, degree-7 Taylor polynomial
 // (relative error < 1e-8 before rounding), scaled by 2^n with scalef (which also flushes large -n to 0).
 static inline __m512 exp512(__m512 x) {
@@ -89,14 +91,15 @@ static inline void qk_block(const float* qb, int D, const float* kt, int Lp, flo
   }
 }
 
-// In place: s[j] = exp(s[j] - max) for j < L; returns 1 / sum.
-static inline float softmax_row(float* s, int L) {
+// In place: s[j] = exp(s[j] - max) for j < L; returns the sum and writes the max to *row_max.
+static inline float softmax_row(float* s, int L, float* row_max) {
   __m512 mx = _mm512_set1_ps(-__builtin_inff());
   int j = 0;
   for (; j + 16 <= L; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + j));
   const __mmask16 tail = static_cast<__mmask16>((1u << (L - j)) - 1u);
   if (L > j) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-__builtin_inff()), tail, s + j));
-  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  *row_max = _mm512_reduce_max_ps(mx);
+  const __m512 m = _mm512_set1_ps(*row_max);
   __m512 sum = _mm512_setzero_ps();
   for (j = 0; j + 16 <= L; j += 16) {
     const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + j), m));
@@ -108,7 +111,7 @@ static inline float softmax_row(float* s, int L) {
     _mm512_mask_storeu_ps(s + j, tail, e);
     sum = _mm512_mask_add_ps(sum, tail, sum, e);
   }
-  return 1.0f / _mm512_reduce_add_ps(sum);
+  return _mm512_reduce_add_ps(sum);
 }
 
 // out[r, :] = inv[r] * sum_j p[r, j] v[j, :] for R rows, D = 16 * NV.
@@ -235,8 +238,11 @@ static inline bool load_q_avx512(const void* src, int D, float scale, bool bf16,
 }
 
 // The AVX-512 path for head_dim in {16, 32, ..., 128}; returns false (caller runs the generic code) otherwise.
+// drop (null: no dropout) zeroes the dropped probabilities and scales the kept ones; lse (null: not saved) gets
+// each row's log-sum-exp of the scores.
 static bool attn_rows_avx512(int R, const float* qb, int D, const float* kt, int Lp, int L, const float* v,
-                             int64_t ldv, float* s, bool bf16, void* out, int64_t ldo) {
+                             int64_t ldv, float* s, bool bf16, void* out, int64_t ldo, const DropRows* drop,
+                             float* lse) {
   if (D % 16 != 0 || D > 128 || D == 0) return false;
   switch (R) {
     case 1: qk_block<1>(qb, D, kt, Lp, s); break;
@@ -249,7 +255,17 @@ static bool attn_rows_avx512(int R, const float* qb, int D, const float* kt, int
     default: qk_block<8>(qb, D, kt, Lp, s); break;
   }
   float inv[8];
-  for (int r = 0; r < R; ++r) inv[r] = softmax_row(s + static_cast<int64_t>(r) * Lp, L);
+  for (int r = 0; r < R; ++r) {
+    float* sr = s + static_cast<int64_t>(r) * Lp;
+    float m;
+    const float sum = softmax_row(sr, L, &m);
+    inv[r] = 1.0f / sum;
+    if (lse != nullptr) lse[r] = m + __builtin_logf(sum);
+    if (drop != nullptr) {
+      dropout_row(sr, L, drop->key[r], drop->threshold);
+      inv[r] *= drop->keep_scale;
+    }
+  }
   switch (D / 16) {
     case 1: pv_rows<1>(R, s, Lp, L, v, ldv, inv, bf16, out, ldo); break;
     case 2: pv_rows<2>(R, s, Lp, L, v, ldv, inv, bf16, out, ldo); break;
@@ -277,6 +293,7 @@ static bool attn_rows_avx512(int R, const float* qb, int D, const float* kt, int
 #else  // not x86-64 GCC/Clang: no AVX-512 table; the dispatcher never selects it.
 namespace fastbert {
 namespace avx512 {
+#include "kernels_dropout.h"
 #include "kernels_impl.h"
 }  // namespace avx512
 }  // namespace fastbert

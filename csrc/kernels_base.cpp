@@ -6,6 +6,7 @@
 
 namespace fastbert {
 namespace base {
+#include "kernels_dropout.h"
 #include "kernels_impl.h"
 }  // namespace base
 }  // namespace fastbert

@@ -4,7 +4,7 @@
 // AVX-512 target and could be shared with the baseline by the linker); compiler builtins only.
 // Loops are written so that GCC/Clang vectorize them at -O3 for whichever ISA the including file targets.
 // When FASTBERT_AVX512 is defined, the including file has already defined the intrinsics helpers used below
-// (exp512, attn_rows_avx512).
+// (exp512, attn_rows_avx512). Every including file includes kernels_dropout.h first (the dropout hash).
 
 static inline float bf16_to_f32(uint16_t v) {
   uint32_t u = static_cast<uint32_t>(v) << 16;
@@ -236,10 +236,11 @@ static void embeddings(int64_t t0, int64_t t1, int64_t e, const int64_t* ids, co
 // over exactly `len` keys, output normalised by 1/sum at the end. Tokens of other sequences are never read.
 // ---------------------------------------------------------------------------------------------------------
 
-static constexpr int kQRows = 8;
-
+// drop (null: no dropout) zeroes the dropped probabilities and scales the kept ones by 1 / (1 - p); the
+// normaliser counts every key. lse (null: not saved) gets each row's log-sum-exp of the scores.
 static void attn_rows_generic(int R, const float* qb, int D, const float* kt, int Lp, int L, const float* v,
-                              int64_t ldv, float* s, float* ob, bool bf16, void* out, int64_t ldo) {
+                              int64_t ldv, float* s, float* ob, bool bf16, void* out, int64_t ldo,
+                              const DropRows* drop, float* lse) {
   for (int r = 0; r < R; ++r) {
     float* sr = s + static_cast<int64_t>(r) * Lp;
     for (int j = 0; j < Lp; ++j) sr[j] = 0.f;
@@ -255,7 +256,12 @@ static void attn_rows_generic(int R, const float* qb, int D, const float* kt, in
       sr[j] = __builtin_expf(sr[j] - m);
       sum += sr[j];
     }
-    const float inv = 1.0f / sum;
+    float inv = 1.0f / sum;
+    if (lse != nullptr) lse[r] = m + __builtin_logf(sum);
+    if (drop != nullptr) {
+      dropout_row(sr, L, drop->key[r], drop->threshold);
+      inv *= drop->keep_scale;
+    }
     for (int d = 0; d < D; ++d) ob[d] = 0.f;
     for (int j = 0; j < L; ++j) {
       const float p = sr[j];
@@ -341,15 +347,25 @@ struct Prefetcher {
 // (always_inline: GCC's IPA pass treats an out-of-line function holding only prefetches as pure and deletes the
 // calls.)
 
-static void attention(const AttnTask* tasks, int64_t n, const void* qkv, int64_t ld, int num_heads, int D,
-                      float scale, void* out, int64_t ldo, int max_len, bool bf16) {
+static void attention(const AttnArgs& a, const AttnTask* tasks, int64_t n) {
+  const void* qkv = a.qkv;
+  const int64_t ld = a.ld_qkv, ldo = a.ld_out;
+  const int D = a.head_dim, max_len = a.max_len;
+  const float scale = a.scale;
+  const bool bf16 = a.bf16;
   const int lp_max = (max_len + 15) / 16 * 16;
-  const int64_t hidden = static_cast<int64_t>(num_heads) * D;
+  const int64_t hidden = static_cast<int64_t>(a.num_heads) * D;
   float* kt = alloc_floats(static_cast<int64_t>(D) * lp_max);
   float* vb = alloc_floats(static_cast<int64_t>(max_len) * D);
   float* qb = alloc_floats(static_cast<int64_t>(kQRows) * D);
   float* s = alloc_floats(static_cast<int64_t>(kQRows) * lp_max);
   float* ob = alloc_floats(D);
+  float lse_rows[kQRows];
+  DropRows drop;
+  drop.threshold = a.threshold;
+  drop.keep_scale = a.keep_scale;
+  const DropRows* dropp = a.threshold > 0 ? &drop : nullptr;
+  float* lsep = a.lse != nullptr ? lse_rows : nullptr;
   int64_t cur_start = -1;
   int cur_head = -1, cur_len = -1;
   Prefetcher pf{static_cast<const char*>(qkv), ld, hidden, bf16 ? 2 : 4, static_cast<int64_t>(D) * (bf16 ? 2 : 4)};
@@ -381,6 +397,9 @@ static void attention(const AttnTask* tasks, int64_t n, const void* qkv, int64_t
       const int blocks_left = (task.q1 - q + kQRows - 1) / kQRows;
       pf.step((pf.remaining() + blocks_left - 1) / blocks_left);
       for (int r = 0; r < R; ++r) {
+        if (dropp != nullptr)
+          drop.key[r] = dropout_row_key(a.seed, static_cast<uint32_t>(task.head),
+                                        static_cast<uint32_t>(task.start + q + r));
         const int64_t row = (task.start + q + r) * ld + static_cast<int64_t>(task.head) * D;
 #ifdef FASTBERT_AVX512
         if (load_q_avx512(elem(qkv, row, bf16), D, scale, bf16, qb + r * D)) continue;
@@ -389,11 +408,14 @@ static void attention(const AttnTask* tasks, int64_t n, const void* qkv, int64_t
         load_row(elem(qkv, row, bf16), D, bf16, qr);
         for (int d = 0; d < D; ++d) qr[d] *= scale;
       }
-      void* orow = elem(out, (task.start + q) * ldo + static_cast<int64_t>(task.head) * D, bf16);
+      void* orow = elem(a.out, (task.start + q) * ldo + static_cast<int64_t>(task.head) * D, bf16);
+      bool done = false;
 #ifdef FASTBERT_AVX512
-      if (attn_rows_avx512(R, qb, D, kt, Lp, L, v, ldv, s, bf16, orow, ldo)) continue;
+      done = attn_rows_avx512(R, qb, D, kt, Lp, L, v, ldv, s, bf16, orow, ldo, dropp, lsep);
 #endif
-      attn_rows_generic(R, qb, D, kt, Lp, L, v, ldv, s, ob, bf16, orow, ldo);
+      if (!done) attn_rows_generic(R, qb, D, kt, Lp, L, v, ldv, s, ob, bf16, orow, ldo, dropp, lsep);
+      if (lsep != nullptr)
+        for (int r = 0; r < R; ++r) a.lse[task.head * a.ld_lse + task.start + q + r] = lse_rows[r];
     }
   }
   free(kt);
@@ -401,6 +423,332 @@ static void attention(const AttnTask* tasks, int64_t n, const void* qkv, int64_t
   free(qb);
   free(s);
   free(ob);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Backward kernels (training). Recompute what the forward computed from the saved inputs (the LayerNorm
+// moments, the pre-activation, the attention probabilities from q, k and the saved log-sum-exp) rather than
+// saving it: one more pass over a row already in cache costs less than writing and reading a saved tensor.
+// Reductions over rows (dgamma, dbeta, dbias) go into per-chunk partial sums the caller adds up in a fixed
+// order, so the results do not depend on the number of threads.
+// ---------------------------------------------------------------------------------------------------------
+
+static inline float dot16(const float* a, const float* b, int64_t n) {
+  float acc[16] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int k = 0; k < 16; ++k) acc[k] += a[i + k] * b[i + k];
+  for (; i < n; ++i) acc[i & 15] += a[i] * b[i];
+  float s = 0.f;
+  for (int k = 0; k < 16; ++k) s += acc[k];
+  return s;
+}
+
+// One row of LayerNorm backward. In: h = the pre-norm row, g = dL/dy (both fp32, n). Out: h = dL/dh;
+// dgamma += g * xhat, dbeta += g. dL/dh = rstd * (g' - mean(g') - xhat * mean(g' * xhat)), g' = g * gamma.
+// The moments are computed exactly as layernorm_store does, so xhat is the forward's.
+static inline void layernorm_backward_row(float* h, float* g, int64_t n, const float* gamma, float eps,
+                                          float* dgamma, float* dbeta) {
+  const float mean = sum16(h, n) / static_cast<float>(n);
+  const float var = sumsq_centered16(h, n, mean) / static_cast<float>(n);
+  const float rstd = 1.0f / __builtin_sqrtf(var + eps);
+  for (int64_t i = 0; i < n; ++i) {
+    const float xhat = (h[i] - mean) * rstd;
+    dgamma[i] += g[i] * xhat;
+    dbeta[i] += g[i];
+    h[i] = xhat;
+    g[i] *= gamma[i];
+  }
+  const float mg = sum16(g, n) / static_cast<float>(n);
+  const float mgx = dot16(g, h, n) / static_cast<float>(n);
+  for (int64_t i = 0; i < n; ++i) h[i] = rstd * (g[i] - mg - h[i] * mgx);
+}
+
+static void layernorm_backward(int64_t r0, int64_t r1, int64_t n, const void* x, int64_t sx, const void* res,
+                               int64_t sr, const float* bias, const float* gamma, float eps, const void* dy,
+                               int64_t sdy, void* dx, int64_t sdx, float* dgamma, float* dbeta, float* dsum,
+                               bool bf16) {
+  float* h = alloc_floats(n);
+  float* g = alloc_floats(n);
+  for (int64_t r = r0; r < r1; ++r) {
+    load_row(elem(x, r * sx, bf16), n, bf16, h);
+    if (bias != nullptr)
+      for (int64_t i = 0; i < n; ++i) h[i] += bias[i];
+    if (res != nullptr) add_row(elem(res, r * sr, bf16), n, bf16, h);
+    load_row(elem(dy, r * sdy, bf16), n, bf16, g);
+    layernorm_backward_row(h, g, n, gamma, eps, dgamma, dbeta);
+    if (dsum != nullptr)
+      for (int64_t i = 0; i < n; ++i) dsum[i] += h[i];
+    if (dx != nullptr) store_row(h, n, bf16, elem(dx, r * sdx, bf16));
+  }
+  free(h);
+  free(g);
+}
+
+// d act(v) / dv, the derivative of activate() (same polynomial exp / erf / tanh, so it vectorizes too).
+static inline float activate_grad(float v, int act) {
+  switch (act) {
+    case kActGelu: {  // Phi(v) + v phi(v)
+      const float cdf = 0.5f * (1.0f + erf_abs_f32(v * 0.70710678118654752f));
+      return cdf + v * 0.39894228040143268f * exp_f32(-0.5f * v * v);  // 1 / sqrt(2 pi)
+    }
+    case kActGeluTanh: {
+      const float k = 0.79788456080286536f;  // sqrt(2 / pi)
+      const float v2 = v * v;
+      const float t = tanh_f32(k * (v + 0.044715f * v2 * v));
+      return 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * k * (1.0f + 3.0f * 0.044715f * v2);
+    }
+    case kActRelu:
+      return v <= 0.f ? 0.f : 1.f;  // torch: gradient 0 at 0, passed through for NaN
+    case kActSilu: {
+      const float sg = 1.0f / (1.0f + exp_f32(-v));
+      return sg * (1.0f + v * (1.0f - sg));
+    }
+    case kActTanh: {
+      const float t = tanh_f32(v);
+      return 1.0f - t * t;
+    }
+    default:
+      return 1.0f;
+  }
+}
+
+// In place over one row: g[i] *= act'(z[i]) (one loop per activation, as activate_row).
+template <int A>
+static inline void activate_grad_row(const float* z, float* g, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) g[i] *= activate_grad(z[i], A);
+}
+
+static void bias_activation_backward(int64_t r0, int64_t r1, int64_t n, const void* x, int64_t sx,
+                                     const float* bias, int act, const void* dy, int64_t sdy, void* dx, int64_t sdx,
+                                     float* dsum, bool bf16) {
+  float* z = alloc_floats(n);
+  float* g = alloc_floats(n);
+  for (int64_t r = r0; r < r1; ++r) {
+    load_row(elem(dy, r * sdy, bf16), n, bf16, g);
+    if (act != kActNone) {
+      load_row(elem(x, r * sx, bf16), n, bf16, z);
+      if (bias != nullptr)
+        for (int64_t i = 0; i < n; ++i) z[i] += bias[i];
+      switch (act) {
+        case kActGelu: activate_grad_row<kActGelu>(z, g, n); break;
+        case kActGeluTanh: activate_grad_row<kActGeluTanh>(z, g, n); break;
+        case kActRelu: activate_grad_row<kActRelu>(z, g, n); break;
+        case kActSilu: activate_grad_row<kActSilu>(z, g, n); break;
+        default: activate_grad_row<kActTanh>(z, g, n); break;
+      }
+    }
+    if (dsum != nullptr)
+      for (int64_t i = 0; i < n; ++i) dsum[i] += g[i];
+    if (dx != nullptr) store_row(g, n, bf16, elem(dx, r * sdx, bf16));
+  }
+  free(z);
+  free(g);
+}
+
+static void embeddings_backward(int64_t t0, int64_t t1, int64_t e, const int64_t* ids, const int64_t* pos_ids,
+                                const int64_t* tt_ids, const void* word, int64_t sw, const void* pos, int64_t sp,
+                                const void* type, int64_t st, const float* gamma, float eps, const void* dy,
+                                int64_t sdy, float* dh, float* dgamma, float* dbeta, bool bf16) {
+  float* g = alloc_floats(e);
+  for (int64_t t = t0; t < t1; ++t) {
+    float* h = dh + t * e;
+    load_row(elem(word, ids[t] * sw, bf16), e, bf16, h);
+    add_row(elem(pos, pos_ids[t] * sp, bf16), e, bf16, h);
+    if (type != nullptr) add_row(elem(type, (tt_ids != nullptr ? tt_ids[t] : 0) * st, bf16), e, bf16, h);
+    load_row(elem(dy, t * sdy, bf16), e, bf16, g);
+    layernorm_backward_row(h, g, e, gamma, eps, dgamma, dbeta);
+  }
+  free(g);
+}
+
+static void gather_sum_rows(int64_t r0, int64_t r1, int64_t e, const int64_t* offsets, const int64_t* tokens,
+                            const float* src, float* dst) {
+  for (int64_t r = r0; r < r1; ++r) {
+    float* d = dst + r * e;
+    for (int64_t i = 0; i < e; ++i) d[i] = 0.f;
+    for (int64_t k = offsets[r]; k < offsets[r + 1]; ++k) {
+      const float* s = src + tokens[k] * e;
+      for (int64_t i = 0; i < e; ++i) d[i] += s[i];
+    }
+  }
+}
+
+static void dropout_bits(int64_t n, uint32_t seed, const int64_t* head, const int64_t* row, const int64_t* col,
+                         int64_t* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t key = dropout_row_key(seed, static_cast<uint32_t>(head[i]), static_cast<uint32_t>(row[i]));
+    out[i] = static_cast<int64_t>(dropout_bits_of(key, static_cast<uint32_t>(col[i])));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Attention backward, one (sequence, head) per task (FlashAttention-2's recomputation). With s = scale q.k,
+// P = exp(s - lse), Z = dropout mask / (1 - p), O = (P * Z) V:
+//   dV = (P * Z)^T dO,  dP = (dO V^T) * Z,  dS = P * (dP - D), D_i = dO_i . O_i,  dQ = scale dS K,  dK = scale dS^T Q.
+// Staged per task in fp32: kt = K^T and vt = V^T (D x Lp, zero-padded keys: the score and dP rows are axpys
+// over contiguous keys), kb = K rows, dk / dv accumulators (L x Dp, Dp = head_dim rounded up to 16 with zero
+// columns, so every loop over features runs whole 16-wide chunks). Queries go in blocks of kBwdRows rows: q
+// (pre-scaled), dO, the P and dS rows of the block stay in L1/L2 while every key is visited once per block.
+// ---------------------------------------------------------------------------------------------------------
+
+static constexpr int kBwdRows = 16;
+
+struct AttnBwdScratch {
+  float *kt, *vt, *kb, *dk, *dv, *qb, *gb, *dq, *p, *ds;
+};
+
+static void attention_backward_task(const AttnBwdArgs& a, const AttnTask& task, const AttnBwdScratch& w) {
+  const int D = a.head_dim, L = task.len, Lp = (L + 15) / 16 * 16, Dp = (D + 15) / 16 * 16;
+  const bool bf16 = a.bf16;
+  const int64_t hidden = static_cast<int64_t>(a.num_heads) * D;
+  const int64_t qcol = static_cast<int64_t>(task.head) * D, kcol = hidden + qcol, vcol = 2 * hidden + qcol;
+  const float scale = a.scale;
+  const bool dropout = a.threshold > 0;
+  // Stage K and V (fp32): rows into kb (and, transposed, kt) and, through dk as a row buffer, vt.
+  for (int j = 0; j < L; ++j) {
+    float* kr = w.kb + static_cast<int64_t>(j) * Dp;
+    load_row(elem(a.qkv, (task.start + j) * a.ld_qkv + kcol, bf16), D, bf16, kr);
+    for (int d = D; d < Dp; ++d) kr[d] = 0.f;
+    float* vr = w.dv;
+    load_row(elem(a.qkv, (task.start + j) * a.ld_qkv + vcol, bf16), D, bf16, vr);
+    for (int d = 0; d < D; ++d) {
+      w.kt[static_cast<int64_t>(d) * Lp + j] = kr[d];
+      w.vt[static_cast<int64_t>(d) * Lp + j] = vr[d];
+    }
+  }
+  for (int d = 0; d < D; ++d)
+    for (int j = L; j < Lp; ++j) w.kt[static_cast<int64_t>(d) * Lp + j] = w.vt[static_cast<int64_t>(d) * Lp + j] = 0.f;
+  for (int64_t i = 0; i < static_cast<int64_t>(L) * Dp; ++i) w.dk[i] = w.dv[i] = 0.f;
+
+  float di[kBwdRows], lse[kBwdRows];
+  uint32_t key[kBwdRows];
+  for (int q0 = 0; q0 < L; q0 += kBwdRows) {
+    const int R = L - q0 < kBwdRows ? L - q0 : kBwdRows;
+    // The block's q (scaled), dO and D_i = dO . O; its lse and dropout keys.
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = task.start + q0 + r;
+      float* qr = w.qb + r * Dp;
+      float* gr = w.gb + r * Dp;
+      float* dq = w.dq + r * Dp;
+      load_row(elem(a.qkv, row * a.ld_qkv + qcol, bf16), D, bf16, qr);
+      load_row(elem(a.dout, row * a.ld_dout + qcol, bf16), D, bf16, gr);
+      load_row(elem(a.out, row * a.ld_out + qcol, bf16), D, bf16, dq);  // O, only to form D_i
+      di[r] = dot16(gr, dq, D);
+      for (int d = 0; d < D; ++d) qr[d] *= scale;
+      for (int d = D; d < Dp; ++d) qr[d] = gr[d] = 0.f;
+      for (int d = 0; d < Dp; ++d) dq[d] = 0.f;
+      lse[r] = a.lse[task.head * a.ld_lse + row];
+      if (dropout)
+        key[r] = dropout_row_key(a.seed, static_cast<uint32_t>(task.head), static_cast<uint32_t>(row));
+    }
+    // Scores and dO V^T, 16 keys at a time with the accumulators in registers.
+    for (int r = 0; r < R; ++r) {
+      const float* qr = w.qb + r * Dp;
+      const float* gr = w.gb + r * Dp;
+      float* pr = w.p + static_cast<int64_t>(r) * Lp;
+      float* sr = w.ds + static_cast<int64_t>(r) * Lp;
+      for (int j0 = 0; j0 < Lp; j0 += 16) {
+        float as[16] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        float ag[16] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        for (int d = 0; d < D; ++d) {
+          const float qd = qr[d], gd = gr[d];
+          const float* kr = w.kt + static_cast<int64_t>(d) * Lp + j0;
+          const float* vr = w.vt + static_cast<int64_t>(d) * Lp + j0;
+          for (int k = 0; k < 16; ++k) {
+            as[k] += qd * kr[k];
+            ag[k] += gd * vr[k];
+          }
+        }
+        for (int k = 0; k < 16; ++k) {
+          pr[j0 + k] = as[k];
+          sr[j0 + k] = ag[k];
+        }
+      }
+      // p <- P * Z (what multiplied V), ds <- dS = P * (dP * Z - D_i); keys >= L stay out of every loop below.
+      const float m = lse[r], dr = di[r];
+      if (dropout) {
+        const uint32_t thr = a.threshold, kr = key[r];
+        const float ks = a.keep_scale;
+        for (int j = 0; j < L; ++j) {
+          const float pj = exp_f32(pr[j] - m);
+          const float z = dropout_bits_of(kr, static_cast<uint32_t>(j)) >= thr ? ks : 0.f;
+          pr[j] = pj * z;
+          sr[j] = pj * (sr[j] * z - dr);
+        }
+      } else {
+        for (int j = 0; j < L; ++j) {
+          const float pj = exp_f32(pr[j] - m);
+          pr[j] = pj;
+          sr[j] = pj * (sr[j] - dr);
+        }
+      }
+    }
+    // dV_j += sum_r p[r, j] dO_r, dK_j += sum_r dS[r, j] q_r (q pre-scaled), dQ_r += dS[r, j] K_j.
+    for (int j = 0; j < L; ++j) {
+      float* dvj = w.dv + static_cast<int64_t>(j) * Dp;
+      float* dkj = w.dk + static_cast<int64_t>(j) * Dp;
+      const float* kj = w.kb + static_cast<int64_t>(j) * Dp;
+      for (int d0 = 0; d0 < Dp; d0 += 16) {
+        float av[16], ak[16];
+        for (int k = 0; k < 16; ++k) {
+          av[k] = dvj[d0 + k];
+          ak[k] = dkj[d0 + k];
+        }
+        for (int r = 0; r < R; ++r) {
+          const float pj = w.p[static_cast<int64_t>(r) * Lp + j], sj = w.ds[static_cast<int64_t>(r) * Lp + j];
+          const float* gr = w.gb + r * Dp + d0;
+          const float* qr = w.qb + r * Dp + d0;
+          float* dq = w.dq + r * Dp + d0;
+          for (int k = 0; k < 16; ++k) {
+            av[k] += pj * gr[k];
+            ak[k] += sj * qr[k];
+            dq[k] += sj * kj[d0 + k];
+          }
+        }
+        for (int k = 0; k < 16; ++k) {
+          dvj[d0 + k] = av[k];
+          dkj[d0 + k] = ak[k];
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      float* dq = w.dq + r * Dp;
+      for (int d = 0; d < D; ++d) dq[d] *= scale;
+      store_row(dq, D, bf16, elem(a.dqkv, (task.start + q0 + r) * a.ld_dqkv + qcol, bf16));
+    }
+  }
+  for (int j = 0; j < L; ++j) {
+    const int64_t row = (task.start + j) * a.ld_dqkv;
+    store_row(w.dk + static_cast<int64_t>(j) * Dp, D, bf16, elem(a.dqkv, row + kcol, bf16));
+    store_row(w.dv + static_cast<int64_t>(j) * Dp, D, bf16, elem(a.dqkv, row + vcol, bf16));
+  }
+}
+
+static void attention_backward(const AttnBwdArgs& a, const AttnTask* tasks, int64_t n) {
+  const int64_t Lp = (a.max_len + 15) / 16 * 16, Dp = (a.head_dim + 15) / 16 * 16;
+  AttnBwdScratch w;
+  w.kt = alloc_floats(Dp * Lp);
+  w.vt = alloc_floats(Dp * Lp);
+  w.kb = alloc_floats(Lp * Dp);
+  w.dk = alloc_floats(Lp * Dp);
+  w.dv = alloc_floats(Lp * Dp);
+  w.qb = alloc_floats(kBwdRows * Dp);
+  w.gb = alloc_floats(kBwdRows * Dp);
+  w.dq = alloc_floats(kBwdRows * Dp);
+  w.p = alloc_floats(kBwdRows * Lp);
+  w.ds = alloc_floats(kBwdRows * Lp);
+  for (int64_t t = 0; t < n; ++t) attention_backward_task(a, tasks[t], w);
+  free(w.kt);
+  free(w.vt);
+  free(w.kb);
+  free(w.dk);
+  free(w.dv);
+  free(w.qb);
+  free(w.gb);
+  free(w.dq);
+  free(w.p);
+  free(w.ds);
 }
 
 const Kernels kKernels = {
@@ -411,4 +759,13 @@ const Kernels kKernels = {
 #else
     "base",
 #endif
-    add_layernorm, bias_activation, embeddings, attention};
+    add_layernorm,
+    bias_activation,
+    embeddings,
+    attention,
+    attention_backward,
+    layernorm_backward,
+    bias_activation_backward,
+    embeddings_backward,
+    gather_sum_rows,
+    dropout_bits};

@@ -13,6 +13,8 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "kernels.h"
@@ -386,73 +388,515 @@ static at::Tensor linear_residual_layernorm(const at::Tensor& x_in, const at::Te
 // Attention over packed sequences
 // ---------------------------------------------------------------------------------------------------------
 
-static at::Tensor attention(const at::Tensor& qkv_in, const at::Tensor& cu_seqlens, int64_t max_seqlen,
-                            int64_t num_heads, double scale) {
+// The checked shape of one attention call.
+struct AttnShape {
+  int64_t T, hidden, head_dim, batch, longest;
+  at::Tensor cu;  // contiguous int32 cu_seqlens
+};
+
+static AttnShape check_attention(const at::Tensor& qkv_in, const at::Tensor& cu_seqlens, int64_t max_seqlen,
+                                 int64_t num_heads) {
   check_2d(qkv_in, "qkv");
-  const bool bf16 = check_act_tensor(qkv_in, "qkv");
+  check_act_tensor(qkv_in, "qkv");
   TORCH_CHECK(num_heads > 0, "fastbert: num_heads must be positive, got ", num_heads);
   const int64_t T = qkv_in.size(0), width = qkv_in.size(1);
   TORCH_CHECK(width % (3 * num_heads) == 0 && width > 0, "fastbert: qkv has ", width,
               " features, which is not 3 * num_heads * head_dim for num_heads = ", num_heads);
-  const int64_t hidden = width / 3, head_dim = hidden / num_heads;
   TORCH_CHECK(cu_seqlens.device().is_cpu(), "fastbert: cu_seqlens must be a CPU tensor, got device ",
               cu_seqlens.device());
   TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt, "fastbert: cu_seqlens must be int32, got ",
               cu_seqlens.scalar_type());
   TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 1,
               "fastbert: cu_seqlens must be 1-D (batch + 1,), got shape ", cu_seqlens.sizes());
-  const at::Tensor cu = cu_seqlens.contiguous();
-  const int32_t* c = cu.data_ptr<int32_t>();
-  const int64_t batch = cu.size(0) - 1;
+  AttnShape sh;
+  sh.T = T;
+  sh.hidden = width / 3;
+  sh.head_dim = sh.hidden / num_heads;
+  sh.cu = cu_seqlens.contiguous();
+  const int32_t* c = sh.cu.data_ptr<int32_t>();
+  sh.batch = sh.cu.size(0) - 1;
   TORCH_CHECK(c[0] == 0, "fastbert: cu_seqlens[0] must be 0, got ", c[0]);
-  int64_t longest = 0;
-  for (int64_t i = 0; i < batch; ++i) {
+  sh.longest = 0;
+  for (int64_t i = 0; i < sh.batch; ++i) {
     TORCH_CHECK(c[i + 1] >= c[i], "fastbert: cu_seqlens must be non-decreasing, but cu_seqlens[", i + 1, "] = ",
                 c[i + 1], " < cu_seqlens[", i, "] = ", c[i]);
-    longest = std::max<int64_t>(longest, c[i + 1] - c[i]);
+    sh.longest = std::max<int64_t>(sh.longest, c[i + 1] - c[i]);
   }
-  TORCH_CHECK(c[batch] == T, "fastbert: cu_seqlens[-1] = ", c[batch], " but qkv has ", T, " tokens");
-  TORCH_CHECK(max_seqlen <= 0 || max_seqlen >= longest, "fastbert: max_seqlen = ", max_seqlen,
-              " is smaller than the longest sequence (", longest, " tokens)");
-  const at::Tensor qkv = rows_view(qkv_in);
-  at::Tensor out = at::empty({T, hidden}, qkv.options());
-  if (T == 0) return out;
+  TORCH_CHECK(c[sh.batch] == T, "fastbert: cu_seqlens[-1] = ", c[sh.batch], " but qkv has ", T, " tokens");
+  TORCH_CHECK(max_seqlen <= 0 || max_seqlen >= sh.longest, "fastbert: max_seqlen = ", max_seqlen,
+              " is smaller than the longest sequence (", sh.longest, " tokens)");
+  return sh;
+}
 
-  // Work items: (sequence, head, block of up to kBlock query rows); cost ~ rows * keys.
-  constexpr int kBlock = 64;
-  std::vector<AttnTask> tasks;
-  std::vector<int64_t> cost_prefix{0};
-  for (int64_t b = 0; b < batch; ++b) {
-    const int32_t len = c[b + 1] - c[b];
-    for (int32_t h = 0; h < num_heads && len > 0; ++h) {
-      for (int32_t q0 = 0; q0 < len; q0 += kBlock) {
-        const int32_t q1 = std::min<int32_t>(len, q0 + kBlock);
-        tasks.push_back(AttnTask{c[b], len, h, q0, q1});
-        cost_prefix.push_back(cost_prefix.back() + static_cast<int64_t>(q1 - q0) * (len + 16) * head_dim);
-      }
-    }
+// Dropout arguments (reference.check_dropout): p in [0, 1), a seed (int64 tensor of one element, in [0, 2^32))
+// when p > 0. The threshold floor(p * 2^32) is computed here, on the host in double, as the reference does.
+struct Dropout {
+  uint32_t seed = 0, threshold = 0;
+  float keep_scale = 1.0f;
+};
+
+static Dropout check_dropout(double p, const std::optional<at::Tensor>& seed) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "fastbert: attention dropout_p must be in [0, 1), got ", p);
+  TORCH_CHECK(p == 0.0 || seed.has_value(), "fastbert: attention dropout_p = ", p,
+              " needs a seed (an int64 tensor of one element)");
+  Dropout d;
+  if (seed.has_value()) {
+    TORCH_CHECK(seed->numel() == 1 && seed->scalar_type() == at::kLong,
+                "fastbert: attention seed must be an int64 tensor of one element, got ", seed->scalar_type(),
+                " of shape ", seed->sizes());
+    TORCH_CHECK(seed->device().is_cpu(), "fastbert: attention seed must be a CPU tensor, got device ",
+                seed->device());
+    const int64_t v = seed->contiguous().data_ptr<int64_t>()[0];
+    TORCH_CHECK(v >= 0 && v <= 0xFFFFFFFFLL, "fastbert: attention seed must be in [0, 2**32), got ", v);
+    d.seed = static_cast<uint32_t>(v);
   }
-  // One contiguous group of tasks per thread, split at equal cost (sequences may have very different lengths).
+  d.threshold = static_cast<uint32_t>(p * 4294967296.0);
+  d.keep_scale = static_cast<float>(1.0 / (1.0 - p));
+  return d;
+}
+
+// Splits tasks[0..n) (costs in cost_prefix, n + 1 entries) into at most `threads` contiguous groups of about
+// equal cost; returns the group bounds.
+static std::vector<int64_t> split_by_cost(const std::vector<int64_t>& cost_prefix) {
+  const int64_t n = static_cast<int64_t>(cost_prefix.size()) - 1;
   const int64_t total_cost = cost_prefix.back();
-  const int64_t groups = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks.size()));
-  std::vector<int64_t> bounds(groups + 1, static_cast<int64_t>(tasks.size()));
+  const int64_t groups = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  std::vector<int64_t> bounds(groups + 1, n);
   bounds[0] = 0;
   for (int64_t g = 1; g < groups; ++g) {
     const int64_t target = total_cost * g / groups;
     bounds[g] = std::lower_bound(cost_prefix.begin(), cost_prefix.end(), target) - cost_prefix.begin();
     bounds[g] = std::max(bounds[g], bounds[g - 1]);
   }
-  const void* qp = qkv.data_ptr();
-  void* op = out.data_ptr();
-  const int64_t ld = qkv.stride(0), ldo = out.stride(0);
+  return bounds;
+}
+
+static std::tuple<at::Tensor, at::Tensor> run_attention(const at::Tensor& qkv_in, const at::Tensor& cu_seqlens,
+                                                        int64_t max_seqlen, int64_t num_heads, double scale,
+                                                        double dropout_p, const std::optional<at::Tensor>& seed,
+                                                        bool want_lse) {
+  const AttnShape sh = check_attention(qkv_in, cu_seqlens, max_seqlen, num_heads);
+  const Dropout drop = check_dropout(dropout_p, seed);
+  const at::Tensor qkv = rows_view(qkv_in);
+  at::Tensor out = at::empty({sh.T, sh.hidden}, qkv.options());
+  at::Tensor lse = at::empty({want_lse ? num_heads : 0, sh.T}, qkv.options().dtype(at::kFloat));
+  if (sh.T == 0) return {out, lse};
+  const int32_t* c = sh.cu.data_ptr<int32_t>();
+
+  // Work items: (sequence, head, block of up to kBlock query rows); cost ~ rows * keys. Empty sequences: none.
+  constexpr int kBlock = 64;
+  std::vector<AttnTask> tasks;
+  std::vector<int64_t> cost_prefix{0};
+  for (int64_t b = 0; b < sh.batch; ++b) {
+    const int32_t len = c[b + 1] - c[b];
+    for (int32_t h = 0; h < num_heads && len > 0; ++h) {
+      for (int32_t q0 = 0; q0 < len; q0 += kBlock) {
+        const int32_t q1 = std::min<int32_t>(len, q0 + kBlock);
+        tasks.push_back(AttnTask{c[b], len, h, q0, q1});
+        cost_prefix.push_back(cost_prefix.back() + static_cast<int64_t>(q1 - q0) * (len + 16) * sh.head_dim);
+      }
+    }
+  }
+  // One contiguous group of tasks per thread, split at equal cost (sequences may have very different lengths).
+  const std::vector<int64_t> bounds = split_by_cost(cost_prefix);
+  AttnArgs a;
+  a.qkv = qkv.data_ptr();
+  a.ld_qkv = qkv.stride(0);
+  a.out = out.data_ptr();
+  a.ld_out = out.stride(0);
+  a.lse = want_lse ? lse.data_ptr<float>() : nullptr;
+  a.ld_lse = sh.T;
+  a.num_heads = static_cast<int>(num_heads);
+  a.head_dim = static_cast<int>(sh.head_dim);
+  a.max_len = static_cast<int>(sh.longest);
+  a.scale = static_cast<float>(scale);
+  a.bf16 = qkv.scalar_type() == at::kBFloat16;
+  a.seed = drop.seed;
+  a.threshold = drop.threshold;
+  a.keep_scale = drop.keep_scale;
   const Kernels& k = kernels();
+  const int64_t groups = static_cast<int64_t>(bounds.size()) - 1;
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      k.attention(tasks.data() + bounds[g], bounds[g + 1] - bounds[g], qp, ld, static_cast<int>(num_heads),
-                  static_cast<int>(head_dim), static_cast<float>(scale), op, ldo, static_cast<int>(longest), bf16);
+    for (int64_t g = g0; g < g1; ++g) k.attention(a, tasks.data() + bounds[g], bounds[g + 1] - bounds[g]);
+  });
+  return {out, lse};
+}
+
+static at::Tensor attention(const at::Tensor& qkv, const at::Tensor& cu_seqlens, int64_t max_seqlen,
+                            int64_t num_heads, double scale, double dropout_p, const std::optional<at::Tensor>& seed) {
+  return std::get<0>(run_attention(qkv, cu_seqlens, max_seqlen, num_heads, scale, dropout_p, seed, false));
+}
+
+// The training forward: also the per-row log-sum-exp of the scores, (num_heads, total_tokens) fp32.
+static std::tuple<at::Tensor, at::Tensor> attention_with_lse(const at::Tensor& qkv, const at::Tensor& cu_seqlens,
+                                                             int64_t max_seqlen, int64_t num_heads, double scale,
+                                                             double dropout_p,
+                                                             const std::optional<at::Tensor>& seed) {
+  return run_attention(qkv, cu_seqlens, max_seqlen, num_heads, scale, dropout_p, seed, true);
+}
+
+static void check_same_shape(const at::Tensor& t, const char* name, const at::Tensor& like, const char* like_name) {
+  TORCH_CHECK(t.sizes() == like.sizes(), "fastbert: ", name, " shape ", t.sizes(), " does not match ", like_name,
+              " shape ", like.sizes());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "fastbert: ", name, " dtype ", t.scalar_type(),
+              " does not match ", like_name, " dtype ", like.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), "fastbert: ", name, " is on ", t.device(), " but ", like_name, " is on ",
+              like.device());
+}
+
+// d(qkv) (total, 3 * hidden) in the [q | k | v] layout, from dL/d(out), the forward's inputs, output and lse.
+static at::Tensor attention_backward(const at::Tensor& grad_out, const at::Tensor& qkv_in, const at::Tensor& out_in,
+                                     const at::Tensor& lse_in, const at::Tensor& cu_seqlens, int64_t max_seqlen,
+                                     int64_t num_heads, double scale, double dropout_p,
+                                     const std::optional<at::Tensor>& seed) {
+  const AttnShape sh = check_attention(qkv_in, cu_seqlens, max_seqlen, num_heads);
+  const Dropout drop = check_dropout(dropout_p, seed);
+  check_2d(out_in, "out");
+  TORCH_CHECK(out_in.size(0) == sh.T && out_in.size(1) == sh.hidden, "fastbert: out shape ", out_in.sizes(),
+              " does not match the attention output shape (", sh.T, ", ", sh.hidden, ")");
+  TORCH_CHECK(out_in.scalar_type() == qkv_in.scalar_type(), "fastbert: out dtype ", out_in.scalar_type(),
+              " does not match qkv dtype ", qkv_in.scalar_type());
+  TORCH_CHECK(out_in.device().is_cpu(), "fastbert: out must be a CPU tensor, got device ", out_in.device());
+  check_same_shape(grad_out, "grad_out", out_in, "out");
+  TORCH_CHECK(lse_in.device().is_cpu() && lse_in.scalar_type() == at::kFloat && lse_in.dim() == 2 &&
+                  lse_in.size(0) == num_heads && lse_in.size(1) == sh.T,
+              "fastbert: lse must be a float32 CPU tensor of shape (", num_heads, ", ", sh.T, "), got ",
+              lse_in.scalar_type(), " of shape ", lse_in.sizes(), " on ", lse_in.device());
+  const at::Tensor qkv = rows_view(qkv_in), out = rows_view(out_in), dout = rows_view(grad_out);
+  const at::Tensor lse = lse_in.contiguous();
+  // Every (row, column) of d(qkv) belongs to one (sequence, head) task, which writes all of them.
+  at::Tensor dqkv = at::empty({sh.T, 3 * sh.hidden}, qkv.options());
+  if (sh.T == 0) return dqkv;
+  const int32_t* c = sh.cu.data_ptr<int32_t>();
+  std::vector<AttnTask> tasks;
+  std::vector<int64_t> cost_prefix{0};
+  for (int64_t b = 0; b < sh.batch; ++b) {
+    const int32_t len = c[b + 1] - c[b];
+    for (int32_t h = 0; h < num_heads && len > 0; ++h) {
+      tasks.push_back(AttnTask{c[b], len, h, 0, len});
+      cost_prefix.push_back(cost_prefix.back() + static_cast<int64_t>(len) * (len + 16) * sh.head_dim);
+    }
+  }
+  const std::vector<int64_t> bounds = split_by_cost(cost_prefix);
+  AttnBwdArgs a;
+  a.qkv = qkv.data_ptr();
+  a.ld_qkv = qkv.stride(0);
+  a.out = out.data_ptr();
+  a.ld_out = out.stride(0);
+  a.dout = dout.data_ptr();
+  a.ld_dout = dout.stride(0);
+  a.lse = lse.data_ptr<float>();
+  a.ld_lse = sh.T;
+  a.dqkv = dqkv.data_ptr();
+  a.ld_dqkv = dqkv.stride(0);
+  a.num_heads = static_cast<int>(num_heads);
+  a.head_dim = static_cast<int>(sh.head_dim);
+  a.max_len = static_cast<int>(sh.longest);
+  a.scale = static_cast<float>(scale);
+  a.bf16 = qkv.scalar_type() == at::kBFloat16;
+  a.seed = drop.seed;
+  a.threshold = drop.threshold;
+  a.keep_scale = drop.keep_scale;
+  const Kernels& k = kernels();
+  const int64_t groups = static_cast<int64_t>(bounds.size()) - 1;
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g)
+      k.attention_backward(a, tasks.data() + bounds[g], bounds[g + 1] - bounds[g]);
+  });
+  return dqkv;
+}
+
+// The kernels' dropout hash on int64 (head, row, col) triples of one shape (a test hook: the bits must equal
+// fastbert.reference.dropout_bits).
+static at::Tensor dropout_bits(const at::Tensor& seed, const at::Tensor& head, const at::Tensor& row,
+                               const at::Tensor& col) {
+  const Dropout d = check_dropout(0.0, seed);
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{head, "head"}, {row, "row"}, {col, "col"}}) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong, "fastbert: ", name,
+                " must be an int64 CPU tensor, got ", t.scalar_type(), " on ", t.device());
+    TORCH_CHECK(t.sizes() == head.sizes(), "fastbert: ", name, " shape ", t.sizes(), " does not match head shape ",
+                head.sizes());
+  }
+  const at::Tensor h = head.contiguous(), r = row.contiguous(), c = col.contiguous();
+  at::Tensor out = at::empty(head.sizes(), head.options());
+  kernels().dropout_bits(h.numel(), d.seed, h.data_ptr<int64_t>(), r.data_ptr<int64_t>(), c.data_ptr<int64_t>(),
+                         out.data_ptr<int64_t>());
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Backward of the row-wise ops. Column reductions (dgamma, dbeta, dbias) are summed per fixed chunk of
+// kReduceRows rows into a (chunks, n) partial buffer, then over chunks in chunk order: the same bits for any
+// number of threads.
+// ---------------------------------------------------------------------------------------------------------
+
+constexpr int64_t kReduceRows = 64;
+
+static int64_t num_chunks(int64_t rows) { return (rows + kReduceRows - 1) / kReduceRows; }
+
+// t as a tensor of its own in `dtype` (a copy when t is a view: an op's outputs must not alias each other).
+static at::Tensor owned(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t.clone() : t.to(dtype);
+}
+
+// sum over chunks of part (k, chunks, n) -> (k, n) fp32, each column in chunk order.
+static at::Tensor sum_chunks(const at::Tensor& part) {
+  const int64_t k = part.size(0), chunks = part.size(1), n = part.size(2);
+  at::Tensor out = at::zeros({k, n}, part.options());
+  const float* p = part.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, k * n, 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t which = i / n, col = i % n;
+      float acc = 0.f;
+      for (int64_t c = 0; c < chunks; ++c) acc += p[(which * chunks + c) * n + col];
+      o[i] = acc;
     }
   });
   return out;
+}
+
+static void check_grad(const at::Tensor& grad, const at::Tensor& like, const char* like_name) {
+  check_same_shape(grad, "grad_out", like, like_name);
+}
+
+// (dx, dgamma, dbeta, dbias) of out = LayerNorm(x + bias + residual): dx = dL/d(x + bias + residual) (also the
+// residual's gradient); dbias = the column sum of dx; dgamma, dbeta in ln_weight's dtype, dbias in bias's
+// (x's without a bias).
+static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_layernorm_backward(
+    const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor* res, const at::Tensor* bias_f32,
+    const at::Tensor& ln_weight, double eps, at::ScalarType dbias_dtype) {
+  const int64_t rows = x.size(0), n = x.size(1);
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const at::Tensor g = param_f32(ln_weight, n, "ln_weight");
+  const at::Tensor dy = rows_view(grad_in);
+  at::Tensor dx = at::empty({rows, n}, x.options());
+  const int64_t chunks = num_chunks(rows);
+  at::Tensor part = at::zeros({3, chunks, n}, x.options().dtype(at::kFloat));
+  float* pp = part.data_ptr<float>();
+  const void* xp = x.data_ptr();
+  const void* rp = res != nullptr ? res->data_ptr() : nullptr;
+  const int64_t sx = x.stride(0), sr = res != nullptr ? res->stride(0) : 0;
+  const float* bp = bias_f32 != nullptr ? bias_f32->data_ptr<float>() : nullptr;
+  const float* gp = g.data_ptr<float>();
+  const void* dyp = dy.data_ptr();
+  void* dxp = dx.data_ptr();
+  const int64_t sdy = dy.stride(0), sdx = dx.stride(0);
+  const Kernels& k = kernels();
+  at::parallel_for(0, chunks, std::max<int64_t>(1, row_grain(n) / kReduceRows), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t r0 = c * kReduceRows, r1 = std::min(rows, r0 + kReduceRows);
+      k.layernorm_backward(r0, r1, n, xp, sx, rp, sr, bp, gp, static_cast<float>(eps), dyp, sdy, dxp, sdx,
+                           pp + c * n, pp + (chunks + c) * n, pp + (2 * chunks + c) * n, bf16);
+    }
+  });
+  const at::Tensor sums = sum_chunks(part);
+  return {dx, owned(sums[0], ln_weight.scalar_type()), owned(sums[1], ln_weight.scalar_type()),
+          owned(sums[2], dbias_dtype)};
+}
+
+static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_backward(
+    const at::Tensor& grad_out, const at::Tensor& x_in, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual, const at::Tensor& ln_weight, double eps) {
+  check_2d(x_in, "x");
+  check_act_tensor(x_in, "x");
+  check_grad(grad_out, x_in, "x");
+  const at::Tensor x = rows_view(x_in);
+  at::Tensor res;
+  if (residual.has_value()) {
+    check_same_shape(*residual, "residual", x_in, "x");
+    res = rows_view(*residual);
+  }
+  at::Tensor bf;
+  if (bias.has_value()) bf = param_f32(*bias, x.size(1), "bias");
+  return run_layernorm_backward(grad_out, x, res.defined() ? &res : nullptr, bf.defined() ? &bf : nullptr,
+                                ln_weight, eps, bias.has_value() ? bias->scalar_type() : x.scalar_type());
+}
+
+// dz = dy * act'(x + bias) (written to dx unless dx_out is false) and its column sum (dbias).
+static std::tuple<at::Tensor, at::Tensor> run_bias_activation_backward(const at::Tensor& grad_in,
+                                                                       const at::Tensor& x, const float* bias,
+                                                                       int act, bool dx_out,
+                                                                       at::ScalarType dbias_dtype) {
+  const int64_t rows = x.size(0), n = x.size(1);
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const at::Tensor dy = rows_view(grad_in);
+  at::Tensor dx = at::empty({dx_out ? rows : 0, n}, x.options());
+  const int64_t chunks = num_chunks(rows);
+  at::Tensor part = at::zeros({1, chunks, n}, x.options().dtype(at::kFloat));
+  float* pp = part.data_ptr<float>();
+  const void* xp = x.data_ptr();
+  const void* dyp = dy.data_ptr();
+  void* dxp = dx_out ? dx.data_ptr() : nullptr;
+  const int64_t sx = x.stride(0), sdy = dy.stride(0), sdx = dx_out ? dx.stride(0) : 0;
+  const Kernels& k = kernels();
+  at::parallel_for(0, chunks, std::max<int64_t>(1, row_grain(n) / kReduceRows), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t r0 = c * kReduceRows, r1 = std::min(rows, r0 + kReduceRows);
+      k.bias_activation_backward(r0, r1, n, xp, sx, bias, act, dyp, sdy, dxp, sdx, pp + c * n, bf16);
+    }
+  });
+  return {dx, owned(sum_chunks(part)[0], dbias_dtype)};
+}
+
+// (dx, dbias) of out = act(x + bias); dbias in bias's dtype (x's without a bias).
+static std::tuple<at::Tensor, at::Tensor> bias_activation_backward(const at::Tensor& grad_out, const at::Tensor& x_in,
+                                                                   const std::optional<at::Tensor>& bias,
+                                                                   std::optional<c10::string_view> act) {
+  check_2d(x_in, "x");
+  check_act_tensor(x_in, "x");
+  check_grad(grad_out, x_in, "x");
+  const int a = parse_act(act);
+  const at::Tensor x = rows_view(x_in);
+  at::Tensor bf;
+  if (bias.has_value()) bf = param_f32(*bias, x.size(1), "bias");
+  return run_bias_activation_backward(grad_out, x, bf.defined() ? bf.data_ptr<float>() : nullptr, a, true,
+                                      bias.has_value() ? bias->scalar_type() : x.scalar_type());
+}
+
+// Deterministic scatter-add of dh (T, E) fp32 into a (rows, E) table gradient: tokens grouped by their row
+// (a counting sort, tokens kept in increasing order), then each table row sums its own tokens; rows are shared
+// out among threads, so no two threads write one row. Returns the gradient in `dtype`.
+static at::Tensor scatter_rows(const float* dh, int64_t T, int64_t E, const int64_t* ids, int64_t rows,
+                               at::ScalarType dtype) {
+  std::vector<int64_t> offsets(rows + 1, 0), tokens(T);
+  for (int64_t t = 0; t < T; ++t) ++offsets[(ids != nullptr ? ids[t] : 0) + 1];
+  for (int64_t r = 0; r < rows; ++r) offsets[r + 1] += offsets[r];
+  std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
+  for (int64_t t = 0; t < T; ++t) tokens[fill[ids != nullptr ? ids[t] : 0]++] = t;
+  at::Tensor out = at::empty({rows, E}, at::TensorOptions().dtype(at::kFloat));
+  float* op = out.data_ptr<float>();
+  const Kernels& k = kernels();
+  at::parallel_for(0, rows, row_grain(E), [&](int64_t r0, int64_t r1) {
+    k.gather_sum_rows(r0, r1, E, offsets.data(), tokens.data(), dh, op);
+  });
+  return out.to(dtype);
+}
+
+// (dword, dposition, dtoken_type, dgamma, dbeta) of embeddings(); dtoken_type is (0, E) without a type table.
+static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> embeddings_backward(
+    const at::Tensor& grad_out, const at::Tensor& input_ids, const at::Tensor& position_ids,
+    const std::optional<at::Tensor>& token_type_ids, const at::Tensor& word_weight,
+    const at::Tensor& position_weight, const std::optional<at::Tensor>& token_type_weight,
+    const at::Tensor& ln_weight, double eps) {
+  const bool bf16 = check_act_tensor(word_weight, "word_weight");
+  TORCH_CHECK(word_weight.dim() == 2, "fastbert: word_weight must be 2-D, got shape ", word_weight.sizes());
+  TORCH_CHECK(input_ids.dim() == 1, "fastbert: input_ids must be 1-D (total_tokens,), got shape ",
+              input_ids.sizes());
+  const int64_t T = input_ids.size(0), E = word_weight.size(1);
+  auto check_table = [&](const at::Tensor& w, const char* name) {
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == E, "fastbert: ", name, " must have shape (rows, ", E, "), got ",
+                w.sizes());
+    TORCH_CHECK(w.scalar_type() == word_weight.scalar_type(), "fastbert: ", name, " dtype ", w.scalar_type(),
+                " does not match word_weight dtype ", word_weight.scalar_type());
+    TORCH_CHECK(w.device().is_cpu(), "fastbert: ", name, " must be a CPU tensor, got device ", w.device());
+    return rows_view(w);
+  };
+  const at::Tensor ww = rows_view(word_weight);
+  const at::Tensor pw = check_table(position_weight, "position_weight");
+  at::Tensor tw;
+  if (token_type_weight.has_value()) tw = check_table(*token_type_weight, "token_type_weight");
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == T && grad_out.size(1) == E, "fastbert: grad_out shape ",
+              grad_out.sizes(), " does not match the embeddings output shape (", T, ", ", E, ")");
+  TORCH_CHECK(grad_out.scalar_type() == word_weight.scalar_type(), "fastbert: grad_out dtype ",
+              grad_out.scalar_type(), " does not match word_weight dtype ", word_weight.scalar_type());
+  TORCH_CHECK(grad_out.device().is_cpu(), "fastbert: grad_out must be a CPU tensor, got device ", grad_out.device());
+  const at::Tensor ids = check_ids(input_ids, "input_ids", T, ww.size(0), "word_weight");
+  const at::Tensor pos = check_ids(position_ids, "position_ids", T, pw.size(0), "position_weight");
+  at::Tensor tt;
+  if (tw.defined() && token_type_ids.has_value())
+    tt = check_ids(*token_type_ids, "token_type_ids", T, tw.size(0), "token_type_weight");
+  const at::Tensor g = param_f32(ln_weight, E, "ln_weight");
+  const at::Tensor dy = rows_view(grad_out);
+  at::Tensor dh = at::empty({T, E}, at::TensorOptions().dtype(at::kFloat));
+  const int64_t chunks = num_chunks(T);
+  at::Tensor part = at::zeros({2, chunks, E}, at::TensorOptions().dtype(at::kFloat));
+  const int64_t* ip = ids.data_ptr<int64_t>();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  const int64_t* tp = tt.defined() ? tt.data_ptr<int64_t>() : nullptr;
+  const void* wp = ww.data_ptr();
+  const void* pwp = pw.data_ptr();
+  const void* twp = tw.defined() ? tw.data_ptr() : nullptr;
+  const int64_t sw = ww.stride(0), sp = pw.stride(0), st = tw.defined() ? tw.stride(0) : 0;
+  const float* gp = g.data_ptr<float>();
+  const void* dyp = dy.data_ptr();
+  const int64_t sdy = dy.stride(0);
+  float* dhp = dh.data_ptr<float>();
+  float* partp = part.data_ptr<float>();
+  const Kernels& k = kernels();
+  at::parallel_for(0, chunks, std::max<int64_t>(1, row_grain(E) / kReduceRows), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t t0 = c * kReduceRows, t1 = std::min(T, t0 + kReduceRows);
+      k.embeddings_backward(t0, t1, E, ip, pp, tp, wp, sw, pwp, sp, twp, st, gp, static_cast<float>(eps), dyp, sdy,
+                            dhp, partp + c * E, partp + (chunks + c) * E, bf16);
+    }
+  });
+  const at::Tensor sums = sum_chunks(part);
+  const at::ScalarType wt = word_weight.scalar_type();
+  at::Tensor dword = scatter_rows(dhp, T, E, ip, ww.size(0), wt);
+  at::Tensor dpos = scatter_rows(dhp, T, E, pp, pw.size(0), wt);
+  at::Tensor dtype = tw.defined() ? scatter_rows(dhp, T, E, tp, tw.size(0), wt)
+                                  : at::empty({0, E}, word_weight.options());
+  return {dword, dpos, dtype, owned(sums[0], ln_weight.scalar_type()), owned(sums[1], ln_weight.scalar_type())};
+}
+
+// (dx, dweight, dbias) of out = act(x @ weight.T + bias): with an activation the pre-activation is recomputed
+// (one GEMM, on the plain weight). dX = dZ W, dW = dZ^T X (at::mm), dbias = the column sum of dZ (fixed chunks).
+// dbias is in bias's dtype (weight's without a bias).
+static std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(const at::Tensor& grad_out,
+                                                                      const at::Tensor& x_in,
+                                                                      const at::Tensor& weight,
+                                                                      const std::optional<at::Tensor>& bias,
+                                                                      std::optional<c10::string_view> act) {
+  check_linear_args(x_in, weight, bias, std::nullopt);
+  const int a = parse_act(act);
+  const int64_t T = x_in.size(0), N = weight.size(0);
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == T && grad_out.size(1) == N, "fastbert: grad_out shape ",
+              grad_out.sizes(), " does not match the linear output shape (", T, ", ", N, ")");
+  TORCH_CHECK(grad_out.scalar_type() == x_in.scalar_type(), "fastbert: grad_out dtype ", grad_out.scalar_type(),
+              " does not match x dtype ", x_in.scalar_type());
+  TORCH_CHECK(grad_out.device().is_cpu(), "fastbert: grad_out must be a CPU tensor, got device ", grad_out.device());
+  const at::ScalarType db_dtype = bias.has_value() ? bias->scalar_type() : weight.scalar_type();
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor dz, db;
+  if (a == kActNone) {
+    dz = rows_view(grad_out);
+    db = std::get<1>(run_bias_activation_backward(dz, dz, nullptr, kActNone, false, db_dtype));
+  } else if (T == 0) {
+    dz = at::empty({0, N}, x.options());
+    db = at::zeros({N}, x.options().dtype(db_dtype));
+  } else {
+    const at::Tensor y = gemm(x, weight, bias, kActNone, std::nullopt);  // the pre-activation
+    std::tie(dz, db) = run_bias_activation_backward(grad_out, y, nullptr, a, true, db_dtype);
+  }
+  at::Tensor dx = at::mm(dz, weight);
+  at::Tensor dw = at::mm(dz.t(), x);
+  return {dx, dw, db};
+}
+
+// (dx, dweight, dbias, dresidual, dgamma, dbeta) of out = LayerNorm(x @ weight.T + bias + residual): the
+// pre-norm sum is recomputed (one GEMM on the plain weight); dresidual = dL/d(pre-norm sum).
+static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+linear_residual_layernorm_backward(const at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& weight,
+                                   const std::optional<at::Tensor>& bias, const at::Tensor& residual,
+                                   const at::Tensor& ln_weight, double eps) {
+  check_linear_args(x_in, weight, bias, std::nullopt);
+  check_2d(residual, "residual");
+  check_act_tensor(residual, "residual");
+  const int64_t T = x_in.size(0), N = weight.size(0);
+  TORCH_CHECK(residual.size(0) == T && residual.size(1) == N, "fastbert: residual shape ", residual.sizes(),
+              " does not match the output shape (", T, ", ", N, ")");
+  TORCH_CHECK(residual.scalar_type() == x_in.scalar_type(), "fastbert: residual dtype ", residual.scalar_type(),
+              " does not match x dtype ", x_in.scalar_type());
+  check_grad(grad_out, residual, "residual");
+  const at::ScalarType db_dtype = bias.has_value() ? bias->scalar_type() : weight.scalar_type();
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor y = T > 0 ? gemm(x, weight, bias, kActNone, std::nullopt) : at::empty({0, N}, x.options());
+  const at::Tensor res = rows_view(residual);
+  auto [dh, dgamma, dbeta, db] = run_layernorm_backward(grad_out, y, &res, nullptr, ln_weight, eps, db_dtype);
+  at::Tensor dx = at::mm(dh, weight);
+  at::Tensor dw = at::mm(dh.t(), x);
+  return {dx, dw, db, dh, dgamma, dbeta};
 }
 
 }  // namespace fastbert
@@ -470,7 +914,32 @@ TORCH_LIBRARY(fastbert, m) {
   m.def(
       "linear_residual_layernorm(Tensor x, Tensor weight, Tensor? bias, Tensor residual, Tensor ln_weight, "
       "Tensor ln_bias, float eps, Tensor? packed=None) -> Tensor");
-  m.def("attention(Tensor qkv, Tensor cu_seqlens, int max_seqlen, int num_heads, float scale) -> Tensor");
+  m.def(
+      "attention(Tensor qkv, Tensor cu_seqlens, int max_seqlen, int num_heads, float scale, float dropout_p=0.0, "
+      "Tensor? seed=None) -> Tensor");
+  // Training: the forward that also returns the per-row log-sum-exp (num_heads, total_tokens) fp32, and the
+  // backward ops (each op's gradient, registered in fastbert/_cpp.py with torch.library.register_autograd).
+  m.def(
+      "attention_with_lse(Tensor qkv, Tensor cu_seqlens, int max_seqlen, int num_heads, float scale, "
+      "float dropout_p=0.0, Tensor? seed=None) -> (Tensor, Tensor)");
+  m.def(
+      "attention_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, Tensor cu_seqlens, int max_seqlen, "
+      "int num_heads, float scale, float dropout_p=0.0, Tensor? seed=None) -> Tensor");
+  m.def(
+      "layernorm_backward(Tensor grad_out, Tensor x, Tensor? bias, Tensor? residual, Tensor ln_weight, float eps) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("bias_activation_backward(Tensor grad_out, Tensor x, Tensor? bias, str? act) -> (Tensor, Tensor)");
+  m.def(
+      "embeddings_backward(Tensor grad_out, Tensor input_ids, Tensor position_ids, Tensor? token_type_ids, "
+      "Tensor word_weight, Tensor position_weight, Tensor? token_type_weight, Tensor ln_weight, float eps) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, str? act=None) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "linear_residual_layernorm_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, "
+      "Tensor residual, Tensor ln_weight, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("_dropout_bits(Tensor seed, Tensor head, Tensor row, Tensor col) -> Tensor");
   m.def("_set_isa(str name) -> str", &fastbert::set_isa);
 }
 
@@ -482,6 +951,14 @@ TORCH_LIBRARY_IMPL(fastbert, CPU, m) {
   m.impl("linear", &fastbert::linear);
   m.impl("linear_residual_layernorm", &fastbert::linear_residual_layernorm);
   m.impl("attention", &fastbert::attention);
+  m.impl("attention_with_lse", &fastbert::attention_with_lse);
+  m.impl("attention_backward", &fastbert::attention_backward);
+  m.impl("layernorm_backward", &fastbert::layernorm_backward);
+  m.impl("bias_activation_backward", &fastbert::bias_activation_backward);
+  m.impl("embeddings_backward", &fastbert::embeddings_backward);
+  m.impl("linear_backward", &fastbert::linear_backward);
+  m.impl("linear_residual_layernorm_backward", &fastbert::linear_residual_layernorm_backward);
+  m.impl("_dropout_bits", &fastbert::dropout_bits);
 }
 
 // A oneDNN-prepacked weight (torch.ops.mkldnn._reorder_linear_weight) is an MkldnnCPU tensor: the linears must

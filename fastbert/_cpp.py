@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import reference
+
 UNAVAILABLE_REASON: str | None = None
 _C = None
 
@@ -77,20 +79,30 @@ if UNAVAILABLE_REASON is None:
 
         def register(fn):
             @functools.wraps(fn)
-            def checked(*args):
-                tensors = [a for a in args if isinstance(a, Tensor)]
+            def checked(*args, **kwargs):
+                tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
                 if any(t.is_meta for t in tensors) and not all(t.is_meta for t in tensors):
                     devices = ", ".join(str(t.device) for t in tensors)
                     raise ValueError(
                         f"fastbert::{name} got meta tensors mixed with real ones ({devices}); pass all of them on one "
                         "device"
                     )
-                return fn(*args)
+                return fn(*args, **kwargs)
 
             torch.library.register_fake(f"fastbert::{name}")(checked)
             return fn
 
         return register
+
+    def _rows_like(x: Tensor) -> Tensor:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    def _vector(like: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+        return like.new_empty(n, dtype=dtype)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Forward ops: shapes only
+    # ------------------------------------------------------------------------------------------------------
 
     @_fake("embeddings")
     def _embeddings_fake(
@@ -108,15 +120,15 @@ if UNAVAILABLE_REASON is None:
 
     @_fake("add_layernorm")
     def _add_layernorm_fake(x, residual, ln_weight, ln_bias, eps):
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
+        return _rows_like(x)
 
     @_fake("bias_activation")
     def _bias_activation_fake(x, bias, act):
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
+        return _rows_like(x)
 
     @_fake("bias_residual_layernorm")
     def _bias_residual_layernorm_fake(x, bias, residual, ln_weight, ln_bias, eps):
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
+        return _rows_like(x)
 
     @_fake("linear")
     def _linear_fake(x, weight, bias, act=None, packed=None):
@@ -127,12 +139,232 @@ if UNAVAILABLE_REASON is None:
         return x.new_empty(x.shape[0], weight.shape[0])
 
     @_fake("attention")
-    def _attention_fake(qkv, cu_seqlens, max_seqlen, num_heads, scale):
+    def _attention_fake(qkv, cu_seqlens, max_seqlen, num_heads, scale, dropout_p=0.0, seed=None):
         return qkv.new_empty(qkv.shape[0], qkv.shape[1] // 3)
 
+    @_fake("attention_with_lse")
+    def _attention_with_lse_fake(qkv, cu_seqlens, max_seqlen, num_heads, scale, dropout_p=0.0, seed=None):
+        return qkv.new_empty(qkv.shape[0], qkv.shape[1] // 3), qkv.new_empty(
+            num_heads, qkv.shape[0], dtype=torch.float32
+        )
+
+    # ------------------------------------------------------------------------------------------------------
+    # Backward ops (csrc/ops.cpp): shapes only. Gradients of per-feature parameters come in the parameter's dtype.
+    # ------------------------------------------------------------------------------------------------------
+
+    @_fake("attention_backward")
+    def _attention_backward_fake(
+        grad_out, qkv, out, lse, cu_seqlens, max_seqlen, num_heads, scale, dropout_p=0.0, seed=None
+    ):
+        return _rows_like(qkv)
+
+    @_fake("layernorm_backward")
+    def _layernorm_backward_fake(grad_out, x, bias, residual, ln_weight, eps):
+        n = x.shape[1]
+        dbias_dtype = bias.dtype if bias is not None else x.dtype
+        return _rows_like(x), _vector(x, n, ln_weight.dtype), _vector(x, n, ln_weight.dtype), _vector(x, n, dbias_dtype)
+
+    @_fake("bias_activation_backward")
+    def _bias_activation_backward_fake(grad_out, x, bias, act):
+        return _rows_like(x), _vector(x, x.shape[1], bias.dtype if bias is not None else x.dtype)
+
+    @_fake("embeddings_backward")
+    def _embeddings_backward_fake(
+        grad_out,
+        input_ids,
+        position_ids,
+        token_type_ids,
+        word_weight,
+        position_weight,
+        token_type_weight,
+        ln_weight,
+        eps,
+    ):
+        e = word_weight.shape[1]
+        type_shape = token_type_weight.shape if token_type_weight is not None else (0, e)
+        return (
+            _rows_like(word_weight),
+            word_weight.new_empty(position_weight.shape),
+            word_weight.new_empty(type_shape),
+            _vector(word_weight, e, ln_weight.dtype),
+            _vector(word_weight, e, ln_weight.dtype),
+        )
+
+    @_fake("linear_backward")
+    def _linear_backward_fake(grad_out, x, weight, bias, act=None):
+        dbias_dtype = bias.dtype if bias is not None else weight.dtype
+        return _rows_like(x), _rows_like(weight), _vector(x, weight.shape[0], dbias_dtype)
+
+    @_fake("linear_residual_layernorm_backward")
+    def _linear_residual_layernorm_backward_fake(grad_out, x, weight, bias, residual, ln_weight, eps):
+        n = weight.shape[0]
+        dbias_dtype = bias.dtype if bias is not None else weight.dtype
+        return (
+            _rows_like(x),
+            _rows_like(weight),
+            _vector(x, n, dbias_dtype),
+            x.new_empty(x.shape[0], n),
+            _vector(x, n, ln_weight.dtype),
+            _vector(x, n, ln_weight.dtype),
+        )
+
+    @_fake("_dropout_bits")
+    def _dropout_bits_fake(seed, head, row, col):
+        return torch.empty_like(head, memory_format=torch.contiguous_format)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Gradients: registered once per op (torch.library.register_autograd), so eager calls of the ops themselves,
+    # fastbert._cpp's functions and torch.compile (which traces forward and backward) share them. Each backward
+    # calls one C++ backward op, which recomputes what it needs from the saved inputs. ids, cu_seqlens and the
+    # seed get no gradient; neither do eps, act, num_heads and the other non-tensors.
+    # ------------------------------------------------------------------------------------------------------
+
+    def _autograd(name: str):
+        def register(pair):
+            setup_context, backward = pair
+            torch.library.register_autograd(f"fastbert::{name}", backward, setup_context=setup_context)
+            return pair
+
+        return register
+
+    def _save(ctx, *tensors: Tensor | None) -> None:
+        ctx.save_for_backward(*tensors)
+
+    def _embeddings_setup(ctx, inputs, output):
+        ids, pos, tt, word, posw, ttw, ln_w, _ln_b, eps = inputs
+        _save(ctx, ids, pos, tt, word, posw, ttw, ln_w)
+        ctx.eps = eps
+
+    def _embeddings_backward(ctx, grad):
+        ids, pos, tt, word, posw, ttw, ln_w = ctx.saved_tensors
+        d_word, d_pos, d_type, d_g, d_b = _ops.embeddings_backward(grad, ids, pos, tt, word, posw, ttw, ln_w, ctx.eps)
+        return None, None, None, d_word, d_pos, d_type if ttw is not None else None, d_g, d_b, None
+
+    _autograd("embeddings")((_embeddings_setup, _embeddings_backward))
+
+    def _add_layernorm_setup(ctx, inputs, output):
+        x, residual, ln_w, _ln_b, eps = inputs
+        _save(ctx, x, residual, ln_w)
+        ctx.eps = eps
+
+    def _add_layernorm_backward(ctx, grad):
+        x, residual, ln_w = ctx.saved_tensors
+        dx, d_g, d_b, _ = _ops.layernorm_backward(grad, x, None, residual, ln_w, ctx.eps)
+        return dx, dx if residual is not None else None, d_g, d_b, None
+
+    _autograd("add_layernorm")((_add_layernorm_setup, _add_layernorm_backward))
+
+    def _bias_residual_layernorm_setup(ctx, inputs, output):
+        x, bias, residual, ln_w, _ln_b, eps = inputs
+        _save(ctx, x, bias, residual, ln_w)
+        ctx.eps = eps
+
+    def _bias_residual_layernorm_backward(ctx, grad):
+        x, bias, residual, ln_w = ctx.saved_tensors
+        dx, d_g, d_b, d_bias = _ops.layernorm_backward(grad, x, bias, residual, ln_w, ctx.eps)
+        return dx, d_bias if bias is not None else None, dx, d_g, d_b, None
+
+    _autograd("bias_residual_layernorm")((_bias_residual_layernorm_setup, _bias_residual_layernorm_backward))
+
+    def _bias_activation_setup(ctx, inputs, output):
+        x, bias, act = inputs
+        _save(ctx, x, bias)
+        ctx.act = act
+
+    def _bias_activation_backward(ctx, grad):
+        x, bias = ctx.saved_tensors
+        dx, d_bias = _ops.bias_activation_backward(grad, x, bias, ctx.act)
+        return dx, d_bias if bias is not None else None, None
+
+    _autograd("bias_activation")((_bias_activation_setup, _bias_activation_backward))
+
+    def _linear_setup(ctx, inputs, output):
+        x, weight, bias, act, _packed = inputs  # backward reads the plain weight, never the prepacked copy
+        _save(ctx, x, weight, bias)
+        ctx.act = act
+
+    def _linear_backward(ctx, grad):
+        x, weight, bias = ctx.saved_tensors
+        dx, d_w, d_bias = _ops.linear_backward(grad, x, weight, bias, ctx.act)
+        return dx, d_w, d_bias if bias is not None else None, None, None
+
+    _autograd("linear")((_linear_setup, _linear_backward))
+
+    def _linear_residual_layernorm_setup(ctx, inputs, output):
+        x, weight, bias, residual, ln_w, _ln_b, eps, _packed = inputs
+        _save(ctx, x, weight, bias, residual, ln_w)
+        ctx.eps = eps
+
+    def _linear_residual_layernorm_backward(ctx, grad):
+        x, weight, bias, residual, ln_w = ctx.saved_tensors
+        dx, d_w, d_bias, d_res, d_g, d_b = _ops.linear_residual_layernorm_backward(
+            grad, x, weight, bias, residual, ln_w, ctx.eps
+        )
+        return dx, d_w, d_bias if bias is not None else None, d_res, d_g, d_b, None, None
+
+    _autograd("linear_residual_layernorm")((_linear_residual_layernorm_setup, _linear_residual_layernorm_backward))
+
+    def _attention_args(ctx) -> tuple:
+        qkv, cu_seqlens, seed = ctx.saved_tensors[:3]
+        return qkv, cu_seqlens, ctx.max_seqlen, ctx.num_heads, ctx.scale, ctx.dropout_p, seed
+
+    def _attention_setup(ctx, inputs, output):
+        qkv, cu_seqlens, max_seqlen, num_heads, scale, dropout_p, seed = inputs
+        _save(ctx, qkv, cu_seqlens, seed)
+        ctx.max_seqlen, ctx.num_heads, ctx.scale, ctx.dropout_p = max_seqlen, num_heads, scale, dropout_p
+
+    def _attention_backward(ctx, grad):
+        # The inference op saved no log-sum-exp: recompute it (and the output, bit for bit the forward's).
+        qkv, cu_seqlens, max_seqlen, num_heads, scale, dropout_p, seed = _attention_args(ctx)
+        out, lse = _ops.attention_with_lse(qkv, cu_seqlens, max_seqlen, num_heads, scale, dropout_p, seed)
+        dqkv = _ops.attention_backward(grad, qkv, out, lse, cu_seqlens, max_seqlen, num_heads, scale, dropout_p, seed)
+        return dqkv, None, None, None, None, None, None
+
+    _autograd("attention")((_attention_setup, _attention_backward))
+
+    def _attention_with_lse_setup(ctx, inputs, output):
+        qkv, cu_seqlens, max_seqlen, num_heads, scale, dropout_p, seed = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        _save(ctx, qkv, cu_seqlens, seed, out, lse)
+        ctx.max_seqlen, ctx.num_heads, ctx.scale, ctx.dropout_p = max_seqlen, num_heads, scale, dropout_p
+
+    def _attention_with_lse_backward(ctx, grad, _grad_lse):
+        qkv, cu_seqlens, max_seqlen, num_heads, scale, dropout_p, seed = _attention_args(ctx)
+        out, lse = ctx.saved_tensors[3:]
+        dqkv = _ops.attention_backward(grad, qkv, out, lse, cu_seqlens, max_seqlen, num_heads, scale, dropout_p, seed)
+        return dqkv, None, None, None, None, None, None
+
+    _autograd("attention_with_lse")((_attention_with_lse_setup, _attention_with_lse_backward))
+
+    def _refuse_double_backward(name: str) -> None:
+        """The backward ops have no gradient of their own: differentiating through one (double backward,
+        ``create_graph=True``) raises at backward time instead of returning a silently wrong gradient."""
+
+        def setup(ctx, inputs, output):
+            pass
+
+        def backward(ctx, *grads):
+            raise RuntimeError(
+                f"fastbert::{name} has no gradient: double backward (create_graph=True) through the cpp backend's "
+                "ops is not supported; use backend='torch' for higher-order gradients"
+            )
+
+        _autograd(name)((setup, backward))
+
+    for _name in (
+        "attention_backward",
+        "layernorm_backward",
+        "bias_activation_backward",
+        "embeddings_backward",
+        "linear_backward",
+        "linear_residual_layernorm_backward",
+    ):
+        _refuse_double_backward(_name)
+
     # Every op's schema (csrc/ops.cpp) is the contract's signature, names, order and defaults: the backend's
-    # functions are the torch ops themselves, no Python wrapper per call (but attention, below). The schema takes any Python / numpy
-    # number for a ``float`` and an integer for an ``int``, so no casts are needed either.
+    # functions are the torch ops themselves, no Python wrapper per call (but attention, below). The schema takes
+    # any Python / numpy number for a ``float`` and an integer for an ``int``, so no casts are needed either.
     embeddings = _ops.embeddings
     add_layernorm = _ops.add_layernorm
     bias_activation = _ops.bias_activation
@@ -140,16 +372,30 @@ if UNAVAILABLE_REASON is None:
     linear = _ops.linear
     linear_residual_layernorm = _ops.linear_residual_layernorm
 
-    def attention(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, num_heads: int, scale: float) -> Tensor:
-        """Packed-sequence attention; see ``fastbert.reference.attention``.
+    def attention(
+        qkv: Tensor,
+        cu_seqlens: Tensor,
+        max_seqlen: int,
+        num_heads: int,
+        scale: float,
+        dropout_p: float = 0.0,
+        seed: Tensor | None = None,
+    ) -> Tensor:
+        """Packed-sequence attention with optional dropout; see ``fastbert.reference.attention``.
 
         The one wrapper kept: traced (torch.compile / export), ``max_seqlen`` is a symbolic size and the schema's
         ``int`` would specialise the graph on it (one compile per sequence length); 0 makes the op take the
         longest sequence from ``cu_seqlens``, which it reads anyway. (A ``SymInt`` schema would remove this.)
+        In training (grad enabled and ``qkv.requires_grad``) it runs the forward that also saves each row's
+        log-sum-exp, so backward recomputes the probabilities without a second forward. The dropout arguments
+        are checked as ``reference.check_dropout`` does (ValueError).
         """
+        reference.check_dropout(dropout_p, seed)
         if torch.compiler.is_compiling() or torch.compiler.is_exporting():
             max_seqlen = 0
-        return _ops.attention(qkv, cu_seqlens, max_seqlen, num_heads, scale)
+        if torch.is_grad_enabled() and qkv.requires_grad:
+            return _ops.attention_with_lse(qkv, cu_seqlens, max_seqlen, num_heads, scale, dropout_p, seed)[0]
+        return _ops.attention(qkv, cu_seqlens, max_seqlen, num_heads, scale, dropout_p, seed)
 
 
 def isa(name: str = "") -> str:
