@@ -275,6 +275,7 @@ def _opcheck_cases():
             (x, w[:h], b[:h], res, lw, lb, 1e-12, None),
         ),
         ("attention", ops.attention.default, (qkv, cu, 4, 2, 0.25)),
+        ("attention_dropout", ops.attention.default, (qkv, cu, 4, 2, 0.25, 0.1, torch.tensor([7]))),
     ]
 
 
