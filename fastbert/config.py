@@ -36,6 +36,13 @@ class Family:
     classifier: the sequence-classification head layout. mlm_act: the masked-LM transform's activation
     (None = the config's hidden activation); mlm_width_is_embedding: ELECTRA's generator head maps to
     ``embedding_size``.
+
+    Dropout (training), where transformers applies it: ``hidden_dropout`` (config_fields) on the embedding
+    output, on the attention output before its residual (unless ``attention_output_dropout`` is False:
+    DistilBERT has none there) and on the FFN output before its residual; ``attention_dropout`` on the attention
+    probabilities. head_dropout: task -> the config fields holding the head's rate, the first one set wins (no
+    entry: the head has no dropout, e.g. BERT's QA head). classifier_dropout_before_dense: the classification
+    head with a dense layer drops out its input too (RoBERTa, ELECTRA), not only the dense layer's output.
     """
 
     prefix: str
@@ -49,6 +56,9 @@ class Family:
     mlm_act: str | None = None
     mlm_width_is_embedding: bool = False
     config_fields: Mapping[str, str] = field(default_factory=dict)
+    attention_output_dropout: bool = True
+    head_dropout: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    classifier_dropout_before_dense: bool = True
 
     def max_sequence_length(self, max_position_embeddings: int, pad_token_id: int | None) -> int:
         """Longest sequence the position table allows (RoBERTa reserves ``pad_token_id + 1`` rows)."""
@@ -58,6 +68,8 @@ class Family:
 
 
 _BERT_FIELDS = {
+    "hidden_dropout": "hidden_dropout_prob",
+    "attention_dropout": "attention_probs_dropout_prob",
     "hidden_size": "hidden_size",
     "num_layers": "num_hidden_layers",
     "num_heads": "num_attention_heads",
@@ -66,6 +78,10 @@ _BERT_FIELDS = {
     "layer_norm_eps": "layer_norm_eps",
     "type_vocab_size": "type_vocab_size",
 }
+#: BERT, RoBERTa and ELECTRA: the classifier's rate is ``classifier_dropout``, else the hidden rate.
+_CLASSIFIER_DROPOUT = ("classifier_dropout", "hidden_dropout_prob")
+_BERT_HEAD_DROPOUT = {"sequence-classification": _CLASSIFIER_DROPOUT, "token-classification": _CLASSIFIER_DROPOUT}
+
 _ROBERTA = Family(
     prefix="roberta",
     base_names="bert",
@@ -77,6 +93,7 @@ _ROBERTA = Family(
     classifier=ClassifierLayout(uses_pooler=False, act="tanh"),
     mlm_act="gelu",
     config_fields=_BERT_FIELDS,
+    head_dropout=_BERT_HEAD_DROPOUT,
 )
 
 #: model_type -> its family facts. Anything not listed here is refused with UnsupportedModelError.
@@ -91,6 +108,7 @@ FAMILIES: dict[str, Family] = {
         base_output="BaseModelOutputWithPoolingAndCrossAttentions",
         classifier=ClassifierLayout(uses_pooler=True),
         config_fields=_BERT_FIELDS,
+        head_dropout=_BERT_HEAD_DROPOUT,
     ),
     "roberta": _ROBERTA,
     "xlm-roberta": _ROBERTA,
@@ -105,12 +123,21 @@ FAMILIES: dict[str, Family] = {
         classifier=ClassifierLayout(uses_pooler=False, act="relu"),
         # DistilBERT hard-codes LayerNorm eps 1e-12 and has no token types: no config field for either.
         config_fields={
+            "hidden_dropout": "dropout",
+            "attention_dropout": "attention_dropout",
             "hidden_size": "dim",
             "num_layers": "n_layers",
             "num_heads": "n_heads",
             "intermediate_size": "hidden_dim",
             "activation": "activation",
         },
+        attention_output_dropout=False,
+        head_dropout={
+            "sequence-classification": ("seq_classif_dropout",),
+            "token-classification": ("dropout",),
+            "question-answering": ("qa_dropout",),
+        },
+        classifier_dropout_before_dense=False,
     ),
     "electra": Family(
         prefix="electra",
@@ -124,10 +151,11 @@ FAMILIES: dict[str, Family] = {
         mlm_act="gelu",
         mlm_width_is_embedding=True,
         config_fields={**_BERT_FIELDS, "embedding_size": "embedding_size"},
+        head_dropout=_BERT_HEAD_DROPOUT,
     ),
 }
 
-_FIELD_DEFAULTS = {"layer_norm_eps": 1e-12, "type_vocab_size": 0}
+_FIELD_DEFAULTS = {"layer_norm_eps": 1e-12, "type_vocab_size": 0, "hidden_dropout": 0.0, "attention_dropout": 0.0}
 
 #: fastbert size field -> the least value it may take (type_vocab_size is 0 when a family has no token types).
 _SIZE_MINIMUM = {
@@ -149,6 +177,15 @@ def _integer(name: str, value: Any, minimum: int | None) -> int:
     if minimum is not None and value < minimum:
         raise UnsupportedModelError(f"config field {name} is {value}; it must be an integer >= {minimum}")
     return int(value)
+
+
+def dropout_rate(name: str, value: Any) -> float:
+    """``value`` as a dropout rate in [0, 1); UnsupportedModelError naming the HF config field otherwise."""
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+        raise UnsupportedModelError(f"config field {name} is {value!r}; a dropout rate must be a number in [0, 1)")
+    return float(value)
 
 
 def _positive_float(name: str, value: Any) -> float:
@@ -229,10 +266,25 @@ class EncoderConfig:
     pad_token_id: int
     embedding_size: int
     initializer_range: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
 
     @property
     def family(self) -> Family:
         return FAMILIES[self.model_type]
+
+    @property
+    def attention_output_dropout(self) -> float:
+        """The dropout rate on the attention block's output, before its residual (0 where the family has none)."""
+        return self.hidden_dropout if self.family.attention_output_dropout else 0.0
+
+    def head_dropout(self, hf: Any, task: str | None) -> float:
+        """The dropout rate of ``task``'s head, read from the transformers config ``hf`` (0 for none)."""
+        for name in self.family.head_dropout.get(task or "", ()):
+            value = getattr(hf, name, None)
+            if value is not None:
+                return dropout_rate(name, value)
+        return 0.0
 
     @property
     def head_dim(self) -> int:
@@ -305,7 +357,12 @@ class EncoderConfig:
                 f"max_position_embeddings - pad_token_id - 1 = {longest}; it must be >= 1"
             )
         init_range = getattr(hf, "initializer_range", None) or 0.02
+        rates = {
+            name: dropout_rate(family.config_fields.get(name, name), values[name])
+            for name in ("hidden_dropout", "attention_dropout")
+        }
         return cls(
+            **rates,
             model_type=model_type,
             activation=ACTIVATION_NAMES[act_name],
             layer_norm_eps=eps,

@@ -27,7 +27,7 @@ class _Head(AutoModel):
     def logits(self, batch: PackedBatch, packed: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def loss(self, logits: Tensor, targets: tuple[Tensor | None, ...]) -> Tensor | None:
+    def loss(self, logits: Tensor, targets: tuple[Tensor | None, ...], batch: PackedBatch) -> Tensor | None:
         raise NotImplementedError
 
     def output(self, loss: Tensor | None, logits: Tensor, hidden_states: tuple[Tensor, ...] | None) -> Any:
@@ -42,7 +42,7 @@ class _Head(AutoModel):
         logits = self.logits(batch, packed)
         if self.per_token:
             logits = batch.pad(logits)
-        loss = self.loss(logits, targets) if all(t is not None for t in targets) else None
+        loss = self.loss(logits, targets, batch) if all(t is not None for t in targets) else None
         return finish(self.output(loss, logits, hidden), return_dict)
 
     def forward(
@@ -69,13 +69,30 @@ class _Head(AutoModel):
 
 
 class ClassificationHead(nn.Module):
-    """[dense -> act ->] out_proj; ``dense`` is absent where the pooler (BERT) or nothing precedes out_proj."""
+    """[dense -> act ->] out_proj; ``dense`` is absent where the pooler (BERT) or nothing precedes out_proj.
 
-    def __init__(self, hidden: int, num_labels: int, act: str | None = None, with_dense: bool = False):
+    dropout: the head's rate in training (transformers applies it to out_proj's input, and to dense's input too
+    where ``dropout_before_dense``).
+    """
+
+    def __init__(
+        self,
+        hidden: int,
+        num_labels: int,
+        act: str | None = None,
+        with_dense: bool = False,
+        dropout: float = 0.0,
+        dropout_before_dense: bool = False,
+    ):
         super().__init__()
         self.dense = Linear(hidden, hidden) if with_dense else None
         self.act = act
         self.out_proj = Linear(hidden, num_labels)
+        self.dropout = dropout
+        self.dropout_before_dense = dropout_before_dense
+
+    def drop(self, x: Tensor) -> Tensor:
+        return F.dropout(x, self.dropout, training=True) if self.training and self.dropout else x
 
 
 class AutoModelForSequenceClassification(_Head):
@@ -88,20 +105,29 @@ class AutoModelForSequenceClassification(_Head):
         return self.cfg.family.classifier.uses_pooler
 
     def build_head(self) -> nn.Module:
-        layout = self.cfg.family.classifier
+        cfg = self.cfg
+        layout = cfg.family.classifier
         return ClassificationHead(
-            self.cfg.hidden_size, self.config.num_labels, layout.act, with_dense=not layout.uses_pooler
+            cfg.hidden_size,
+            self.config.num_labels,
+            layout.act,
+            with_dense=not layout.uses_pooler,
+            dropout=cfg.head_dropout(self.config, self.task),
+            dropout_before_dense=cfg.family.classifier_dropout_before_dense,
         )
 
     def logits(self, batch: PackedBatch, packed: Tensor) -> Tensor:
-        ops = self.backend
-        if self.head.dense is None:
+        ops, head = self.backend, self.head
+        if head.dense is None:
             x = self.pool(packed, batch.cu_seqlens)  # (batch, hidden)
         else:
-            x = self.head.dense(first_tokens(packed, batch.cu_seqlens), ops, act=self.head.act)
-        return self.head.out_proj(x, ops)  # (batch, num_labels)
+            x = first_tokens(packed, batch.cu_seqlens)
+            if head.dropout_before_dense:
+                x = head.drop(x)
+            x = head.dense(x, ops, act=head.act)
+        return head.out_proj(head.drop(x), ops)  # (batch, num_labels)
 
-    def loss(self, logits: Tensor, targets: tuple[Tensor | None, ...]) -> Tensor:
+    def loss(self, logits: Tensor, targets: tuple[Tensor | None, ...], batch: PackedBatch) -> Tensor:
         labels = targets[0].to(logits.device)
         num_labels = self.config.num_labels
         problem = self.config.problem_type
@@ -132,10 +158,11 @@ class _PerTokenLinearHead(_Head):
         return False
 
     def build_head(self) -> nn.Module:
-        return ClassificationHead(self.cfg.hidden_size, self.config.num_labels)
+        dropout = self.cfg.head_dropout(self.config, self.task)
+        return ClassificationHead(self.cfg.hidden_size, self.config.num_labels, dropout=dropout)
 
     def logits(self, batch: PackedBatch, packed: Tensor) -> Tensor:
-        return self.head.out_proj(packed, self.backend)  # (T, num_labels)
+        return self.head.out_proj(self.head.drop(packed), self.backend)  # (T, num_labels)
 
 
 class AutoModelForTokenClassification(_PerTokenLinearHead):
@@ -143,7 +170,7 @@ class AutoModelForTokenClassification(_PerTokenLinearHead):
 
     task = "token-classification"
 
-    def loss(self, logits: Tensor, targets: tuple[Tensor | None, ...]) -> Tensor:
+    def loss(self, logits: Tensor, targets: tuple[Tensor | None, ...], batch: PackedBatch) -> Tensor:
         labels = targets[0].to(logits.device)
         return F.cross_entropy(logits.view(-1, self.config.num_labels), labels.view(-1))
 
@@ -174,8 +201,18 @@ class AutoModelForQuestionAnswering(_PerTokenLinearHead):
         args = (input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
         return self._forward(args, (start_positions, end_positions), output_hidden_states, return_dict, kwargs)
 
-    def loss(self, logits: Tensor, targets: tuple[Tensor | None, ...]) -> Tensor:
+    def loss(self, logits: Tensor, targets: tuple[Tensor | None, ...], batch: PackedBatch) -> Tensor:
+        """transformers' QA loss over each sequence's real tokens.
+
+        transformers' softmax also counts the padding positions' logits (computed from padding tokens' hidden
+        states); fastbert computes nothing for padding, so its padded positions are left out of the softmax: the
+        loss each sequence has unpadded, as transformers computes it for that sequence alone.
+        """
         start_logits, end_logits = _split_start_end(logits)
+        if batch.packing is not None and batch.packing.seqlen == start_logits.size(1):
+            real = batch.pad(start_logits.new_ones(batch.total_tokens, 1))[..., 0] > 0  # (batch, seqlen)
+            lowest = torch.finfo(start_logits.dtype).min
+            start_logits, end_logits = (t.masked_fill(~real, lowest) for t in (start_logits, end_logits))
         ignored = start_logits.size(1)
         start, end = (t.to(logits.device).view(-1).clamp(0, ignored) for t in targets)
         return (
@@ -268,7 +305,7 @@ class AutoModelForMaskedLM(_Head):
         weight, _ = head.decoder.resolved()
         return ops.linear(h, weight, head.bias, None)  # (T, vocab)
 
-    def loss(self, logits: Tensor, targets: tuple[Tensor | None, ...]) -> Tensor:
+    def loss(self, logits: Tensor, targets: tuple[Tensor | None, ...], batch: PackedBatch) -> Tensor:
         labels = targets[0].to(logits.device)
         return F.cross_entropy(logits.view(-1, self.cfg.vocab_size), labels.view(-1), ignore_index=-100)
 

@@ -153,6 +153,27 @@ def check_kwargs(kwargs: dict) -> None:
             raise TypeError(f"unexpected argument {name!r}")
 
 
+#: What transformers' DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_seq_idx=True) adds.
+_PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+
+def pop_packed_kwargs(kwargs: dict) -> Tensor | None:
+    """Remove the flattening collator's boundary arguments from ``kwargs``; return ``cu_seq_lens_q`` (or None).
+
+    An encoder's queries and keys are the same tokens, so ``cu_seq_lens_k`` must equal ``cu_seq_lens_q``; the
+    lengths and ``seq_idx`` repeat what the offsets say (the offsets are validated before use).
+    """
+    found = {name: kwargs.pop(name) for name in _PACKED_KWARGS if name in kwargs}
+    cu_q, cu_k = found.get("cu_seq_lens_q"), found.get("cu_seq_lens_k")
+    if cu_q is None:
+        return cu_k
+    if not isinstance(cu_q, Tensor):
+        raise TypeError(f"cu_seq_lens_q must be a torch.Tensor, got {type(cu_q).__name__}")
+    if cu_k is not None and (cu_k.shape != cu_q.shape or not torch.equal(cu_k.to(cu_q.device), cu_q)):
+        raise ValueError("cu_seq_lens_k differs from cu_seq_lens_q; an encoder's keys are its queries")
+    return cu_q
+
+
 def require(ok: Tensor, message: str, detail: Callable[[], str] | None = None) -> None:
     """Raise ``ValueError(message + detail())`` unless the one-element bool tensor ``ok`` holds.
 
@@ -312,8 +333,15 @@ def prepare(
     position_ids: Tensor | None,
     inputs_embeds: Tensor | None,
     device: torch.device,
+    packed_cu_seqlens: Tensor | None = None,
 ) -> PackedBatch:
-    """Check transformers-style padded arguments and unpad them once into a PackedBatch on ``device``."""
+    """Check transformers-style padded arguments and unpad them once into a PackedBatch on ``device``.
+
+    Padding-free rows (transformers' ``DataCollatorWithFlattening``: sequences concatenated into one row, no
+    attention_mask): with no ``attention_mask``, a row's ``position_ids`` restarting (not counting up by one)
+    begin a new sequence, as transformers' flash-attention path reads them; ``packed_cu_seqlens`` (the collator's
+    ``cu_seq_lens_q``, offsets into the flattened rows) gives the boundaries directly. Outputs keep the row shape.
+    """
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids and inputs_embeds")
     if input_ids is not None:
@@ -367,7 +395,12 @@ def prepare(
     def gather(t: Tensor | None) -> Tensor | None:
         return padding.gather(t.to(device).contiguous(), packing) if t is not None else None
 
-    return with_defaults(
+    flat_cu = None
+    if attention_mask is None and packed_cu_seqlens is not None:
+        flat_cu = packed_cu_seqlens.to(device)
+    elif attention_mask is None and position_ids is not None and seqlen > 1:
+        flat_cu = _restarts(position_ids)
+    packed = with_defaults(
         cfg,
         PackedBatch(
             packing.cu_seqlens,
@@ -380,3 +413,25 @@ def prepare(
             checked=True,
         ),
     )
+    if flat_cu is None:
+        return packed
+    # Sequences packed into rows: the same tokens, other boundaries (check_batch validates them at encode time).
+    lengths = flat_cu[1:].long() - flat_cu[:-1].long()
+    longest = seqlen if tracing() else (int(lengths.max()) if lengths.numel() else 0)
+    return packed.replace(cu_seqlens=flat_cu, max_seqlen=longest, checked=False)
+
+
+def _restarts(position_ids: Tensor) -> Tensor | None:
+    """cu_seqlens (int32) of the sequences packed into rows whose position ids restart, or None if none restarts.
+
+    A sequence begins at each row's first token and wherever a position is not its left neighbour's plus one
+    (transformers' rule for packed rows).
+    """
+    batch, seqlen = position_ids.shape
+    begins = torch.ones(batch, seqlen, dtype=torch.bool, device=position_ids.device)
+    begins[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    if not tracing() and not bool(begins[:, 1:].any()):
+        return None
+    starts = begins.reshape(-1).nonzero().reshape(-1)
+    end = torch.full((1,), batch * seqlen, dtype=starts.dtype, device=starts.device)
+    return torch.cat([starts, end]).to(torch.int32)

@@ -11,7 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from . import inputs
 from .config import EncoderConfig
@@ -88,20 +90,46 @@ class Linear(nn.Module):
         return row == weight.shape[0]
 
     def resolved(self) -> tuple[Tensor, Tensor | None]:
-        """(weight, bias) as the kernels read them."""
+        """(weight, bias) as the kernels read them.
+
+        Fused parts under autograd: the fused tensors are joined to the parts' Parameters by ``_JoinParts`` (no
+        copy), so gradients land on the parts (transformers' Q, K, V) themselves.
+        """
         if self._parts is None:
             return self.weight, self.bias
         if self._fused is None or not self._still_fused():
-            return self._fuse()
-        return self._fused
+            self._fuse()
+        weight, bias = self._fused
+        if torch.is_grad_enabled():
+            weights = [w for w, _ in self._parts]
+            if any(w.requires_grad for w in weights):
+                weight = _JoinParts.apply(weight, *weights)
+            biases = [b for _, b in self._parts]
+            if bias is not None and any(b.requires_grad for b in biases):
+                bias = _JoinParts.apply(bias, *biases)
+        return weight, bias
 
     def forward(self, x: Tensor, ops: Backend, act: str | None = None) -> Tensor:
         weight, bias = self.resolved()
+        if self.training and act is not None:
+            # Training: the activation as its own op, whose backward reads the saved GEMM output (the fused
+            # epilogue would have to recompute the GEMM in backward).
+            return ops.bias_activation(ops.linear(x, weight, bias), None, act)
         return ops.linear(x, weight, bias, act)
 
-    def residual_layernorm(self, x: Tensor, residual: Tensor, norm: nn.LayerNorm, ops: Backend) -> Tensor:
-        """LayerNorm(x @ W.T + b + residual), fused."""
+    def residual_layernorm(
+        self, x: Tensor, residual: Tensor, norm: nn.LayerNorm, ops: Backend, dropout: float = 0.0
+    ) -> Tensor:
+        """LayerNorm(dropout(x @ W.T + b) + residual): fused in inference; in training the GEMM, dropout and
+        add + LayerNorm run as three ops, each with its own backward."""
         weight, bias = self.resolved()
+        if self.training:
+            h = (
+                F.dropout(ops.linear(x, weight, bias), dropout, training=True)
+                if dropout
+                else ops.linear(x, weight, bias)
+            )
+            return ops.add_layernorm(h, residual, norm.weight, norm.bias, norm.eps)
         return ops.linear_residual_layernorm(x, weight, bias, residual, norm.weight, norm.bias, norm.eps)
 
     def extra_repr(self) -> str:
@@ -109,9 +137,26 @@ class Linear(nn.Module):
         return f"in_features={parts[0][0].shape[1]}, out_features={sum(w.shape[0] for w, _ in parts)}"
 
 
+class _JoinParts(torch.autograd.Function):
+    """The fused tensor, as a function of the Parameters that are views of it: its gradient is split into theirs.
+
+    Forward returns the fused tensor itself (a view, no copy); backward hands each part its rows of the gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, fused: Tensor, *parts: Tensor) -> Tensor:
+        ctx.rows = [p.shape[0] for p in parts]
+        return fused.view_as(fused)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return (None, *grad.split(ctx.rows))
+
+
 class Embeddings(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
+        self.dropout = cfg.hidden_dropout
         e = cfg.embedding_size
         self.word = nn.Embedding(cfg.vocab_size, e)
         self.position = nn.Embedding(cfg.max_position_embeddings, e)
@@ -140,6 +185,8 @@ class Embeddings(nn.Module):
                 norm.bias,
                 norm.eps,
             )
+        if self.training and self.dropout:
+            h = F.dropout(h, self.dropout, training=True)
         return self.project(h, ops) if self.project is not None else h
 
 
@@ -152,6 +199,9 @@ class EncoderLayer(nn.Module):
         self.num_heads = cfg.num_heads
         self.scale = cfg.head_dim**-0.5
         self.act = cfg.activation
+        self.attention_dropout = cfg.attention_dropout
+        self.output_dropout = cfg.attention_output_dropout
+        self.ffn_dropout = cfg.hidden_dropout
         self.qkv = Linear(h, 3 * h)
         self.attn_out = Linear(h, h)
         self.attn_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
@@ -161,10 +211,16 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int, ops: Backend) -> Tensor:
         qkv = self.qkv(x, ops)  # (T, 3 * hidden)
-        ctx = ops.attention(qkv, cu_seqlens, max_seqlen, self.num_heads, self.scale)  # (T, hidden)
-        x = self.attn_out.residual_layernorm(ctx, x, self.attn_norm, ops)
+        if self.training and self.attention_dropout:
+            # The mask comes from a counter-based hash of this seed (reference.dropout_bits): drawn from torch's
+            # generator, so torch.manual_seed repeats it, and backward regenerates it instead of storing it.
+            seed = torch.randint(0, 2**32, (1,), dtype=torch.int64, device=x.device)
+            ctx = ops.attention(qkv, cu_seqlens, max_seqlen, self.num_heads, self.scale, self.attention_dropout, seed)
+        else:
+            ctx = ops.attention(qkv, cu_seqlens, max_seqlen, self.num_heads, self.scale)  # (T, hidden)
+        x = self.attn_out.residual_layernorm(ctx, x, self.attn_norm, ops, self.output_dropout)
         h = self.ffn_in(x, ops, act=self.act)  # (T, intermediate)
-        return self.ffn_out.residual_layernorm(h, x, self.ffn_norm, ops)
+        return self.ffn_out.residual_layernorm(h, x, self.ffn_norm, ops, self.ffn_dropout)
 
 
 def first_tokens(packed: Tensor, cu_seqlens: Tensor) -> Tensor:
@@ -191,12 +247,13 @@ def refuse_onnx_export() -> None:
         )
 
 
-TRAINING_UNSUPPORTED = (
-    "fastbert runs BERT-family models for inference only for now: it applies no dropout and its fused ops have "
-    "no backward, so training through it would leave the encoder untouched without an error. Keep the model in "
-    "eval() mode; fine-tune with transformers (fastbert.restore(model) undoes fastbert.optimize) and load or "
-    "optimize the result for inference."
-)
+def training_unsupported(backend: Backend) -> str:
+    """Why ``backend`` cannot train (its ops have no registered gradients), naming what can."""
+    return (
+        f"the {backend.name} backend's fused ops have no gradients registered in this build, so training through it "
+        "would leave the encoder untouched; train with backend='torch' (model.set_backend('torch')) or on a backend "
+        "whose ops are differentiable"
+    )
 
 
 def finish(out, return_dict: bool | None):
@@ -230,21 +287,43 @@ class AutoModel(PreTrainedMixin, nn.Module):
         with_pooler = cfg.family.pooler and add_pooling_layer and self.uses_pooler()
         self.pooler = Linear(cfg.hidden_size, cfg.hidden_size) if with_pooler else None
         self.head = self.build_head()
+        self.gradient_checkpointing = False
         if not any(p.is_meta for p in self.parameters()):
             self._init_missing([name for name, _ in self.named_parameters()])
         self._tie_weights()
-        self.train(False)  # inference only (see train())
+        self.train(False)  # built for inference, as transformers' from_pretrained returns models in eval()
+
+    #: transformers.Trainer reads this: the losses here are means over the batch that ignore
+    #: ``num_items_in_batch``, so the Trainer must scale them for gradient accumulation itself.
+    accepts_loss_kwargs = False
+    supports_gradient_checkpointing = True
 
     def train(self, mode: bool = True):
-        """``eval()`` as in torch; ``train()`` raises: fastbert does not train yet (no dropout, no backward).
+        """Training mode (dropout on) or ``eval()``; a backend whose ops cannot be differentiated is refused here.
 
-        Training through it would be silently wrong (no gradient reaches the encoder, dropout is never applied),
-        so it is refused where a training loop starts (``model.train()``, which ``transformers.Trainer.train``
-        calls) instead.
+        Every backend's fused ops have registered gradients (``fastbert.ops``); the check guards a build without
+        them, where training would otherwise leave the encoder untouched without an error.
         """
-        if mode:
-            raise NotImplementedError(TRAINING_UNSUPPORTED)
-        return super().train(False)
+        if mode and not self.backend.trains:
+            raise NotImplementedError(training_unsupported(self.backend))
+        return super().train(mode)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each layer's activations in backward instead of keeping them (transformers' method and name).
+
+        Applies in training (``model.train()``); dropout masks are the same in the recomputation (the RNG state is
+        restored, so the attention seed drawn there is too). ``gradient_checkpointing_kwargs`` go to
+        ``torch.utils.checkpoint.checkpoint`` (``use_reentrant`` defaults to False).
+        """
+        self._checkpoint_kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.gradient_checkpointing
 
     def uses_pooler(self) -> bool:
         """Whether this model builds the pooler when its family has one (a head may not need it)."""
@@ -277,7 +356,10 @@ class AutoModel(PreTrainedMixin, nn.Module):
 
     def set_backend(self, backend: str) -> None:
         """Switch backend ("torch", "cpp", "triton" or "auto"); raises if it cannot run on the model's device."""
-        self.backend = resolve_backend(backend, self.device, self.dtype)
+        chosen = resolve_backend(backend, self.device, self.dtype)
+        if self.training and not chosen.trains:
+            raise NotImplementedError(training_unsupported(chosen))
+        self.backend = chosen
         self._backend_request = backend
         self._backend_for = (self.device.type, self.dtype)
 
@@ -297,8 +379,12 @@ class AutoModel(PreTrainedMixin, nn.Module):
         x = self.embeddings(batch, ops)  # (T, hidden)
         if hidden_states is not None:
             hidden_states.append(x)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, batch.cu_seqlens, max_seqlen, ops)
+            if recompute:
+                x = checkpoint(layer, x, batch.cu_seqlens, max_seqlen, ops, **self._checkpoint_kwargs)
+            else:
+                x = layer(x, batch.cu_seqlens, max_seqlen, ops)
             if hidden_states is not None:
                 hidden_states.append(x)
         return x
@@ -334,9 +420,10 @@ class AutoModel(PreTrainedMixin, nn.Module):
         self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states, kwargs
     ) -> tuple[PackedBatch, Tensor, tuple[Tensor, ...] | None]:
         """Check and pack transformers-style arguments, run the encoder: (batch, packed output, padded hidden states)."""
+        packed_cu = inputs.pop_packed_kwargs(kwargs)
         inputs.check_kwargs(kwargs)
         batch = inputs.prepare(
-            self.cfg, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, self.device
+            self.cfg, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, self.device, packed_cu
         )
         if batch.inputs_embeds is not None:
             batch = batch.replace(inputs_embeds=batch.inputs_embeds.to(self.dtype))

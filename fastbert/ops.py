@@ -124,6 +124,8 @@ class Backend(BackendOps):
     def __init__(self, name: str, module: ModuleType):
         self.name = name
         self.module = module
+        #: whether every op has registered gradients (the module's ``DIFFERENTIABLE``); models refuse train() otherwise
+        self.trains = bool(getattr(module, "DIFFERENTIABLE", False))
         for op in OPS:
             fn = getattr(module, op, None)
             if fn is None:

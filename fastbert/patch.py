@@ -6,7 +6,7 @@ transformers model(s) it holds (its ``Transformer`` module's ``auto_model``); th
 pooling, prompts and ``encode``/``predict`` stay its own. sentence-transformers is never imported here: its objects
 are recognised by class name and module.
 
-The transformers object stays what it was (save_pretrained, pipelines, Trainer keep working): its base model
+The transformers object stays what it was (save_pretrained, pipelines, Trainer, training keep working): its base model
 (``model.bert``, ``model.roberta``, ...) gets a fastbert encoder built over the *same* parameter tensors (the
 Q/K/V parameters become views of one fused weight, so nothing is copied and no write to them can be missed) and
 its ``forward`` is routed there.
@@ -23,7 +23,7 @@ from torch import nn
 
 from . import loading
 from .config import EncoderConfig, UnsupportedModelError
-from .modeling import TRAINING_UNSUPPORTED, AutoModel, Linear
+from .modeling import AutoModel, Linear
 
 _ATTR = "_fastbert_encoder"
 
@@ -129,9 +129,13 @@ def _shared_encoder(base: nn.Module, backend: str) -> AutoModel:
 
 def _fast_forward(self, *args, **kwargs):
     enc = getattr(self, _ATTR)
-    if self.training:  # model.train() on the transformers object (Trainer.train() calls it)
-        raise NotImplementedError(TRAINING_UNSUPPORTED)
     enc.follow_device()  # the transformers model may have been moved: its parameters are the encoder's
+    if enc.training != self.training:  # model.train() / eval() on the transformers object (Trainer calls them)
+        enc.train(self.training)  # dropout as the transformers model applies it; refused where ops can't train
+    # gradient_checkpointing_enable() on the transformers model marks its encoder modules; follow it.
+    enc.gradient_checkpointing = bool(getattr(self, "is_gradient_checkpointing", False))
+    if enc.gradient_checkpointing and not hasattr(enc, "_checkpoint_kwargs"):
+        enc.gradient_checkpointing_enable()
     return enc(*args, **kwargs)
 
 

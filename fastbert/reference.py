@@ -21,6 +21,9 @@ from torch import Tensor
 
 from .padding import tracing
 
+#: Every op here is differentiable through PyTorch's autograd (no in-place writes to saved tensors).
+DIFFERENTIABLE = True
+
 #: Activation names understood by every backend (``None`` = identity).
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "tanh")
 

@@ -218,29 +218,32 @@ def test_optimize_keeps_one_copy_of_qkv(bert_path):
     assert len(storages) == 1
 
 
-# -- training is refused, not silently wrong (issue 12 will make it work) --
+# -- train / eval modes --
 
 
-def test_train_mode_is_refused(bert_path):
+def test_built_in_eval_mode_and_train_switches(bert_path):
     import transformers
 
     fb = fastbert.AutoModelForSequenceClassification.from_pretrained(bert_path, backend="torch")
-    with pytest.raises(NotImplementedError, match="inference only"):
-        fb.train()
-    fb.eval()  # eval() and train(False) still work
-    fb.train(False)
-    assert not fb.training and not any(m.training for m in fb.modules())
+    assert not fb.training and not any(m.training for m in fb.modules())  # as transformers' from_pretrained
     direct = fastbert.AutoModel(transformers.AutoConfig.from_pretrained(bert_path), backend="torch")
     assert not direct.training  # built in eval mode, not in torch's default train mode
+    fb.train()
+    assert all(m.training for m in fb.modules())
+    fb.eval()
+    assert not any(m.training for m in fb.modules())
 
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(bert_path).eval()
-    fastbert.optimize(hf)
+    fastbert.optimize(hf, backend="torch")
     ids = torch.tensor([[5, 6, 7]])
+    hf.train()  # what Trainer.train() does first: the fastbert encoder follows (dropout on)
+    hf(input_ids=ids, labels=torch.tensor([1])).loss.backward()
+    assert hf.bert._fastbert_encoder.training
+    assert hf.bert.encoder.layer[0].attention.self.query.weight.grad is not None
+    hf.eval()
     with torch.no_grad():
         hf(input_ids=ids)
-    hf.train()  # what Trainer.train() does first
-    with pytest.raises(NotImplementedError, match="inference only"):
-        hf(input_ids=ids, labels=torch.tensor([1]))
+    assert not hf.bert._fastbert_encoder.training
 
 
 def test_trainer_keyword_arguments_accepted(bert_path):
