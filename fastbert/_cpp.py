@@ -67,6 +67,9 @@ except Exception as exc:  # ImportError, or an extension built against another t
             f"--no-build-isolation ...) ({UNAVAILABLE_REASON})"
         )
 
+#: Every op has registered gradients (below); ``fastbert.ops.Backend.trains`` reads this.
+DIFFERENTIABLE = UNAVAILABLE_REASON is None
+
 if UNAVAILABLE_REASON is None:
     _ops = torch.ops.fastbert
 
@@ -330,8 +333,9 @@ if UNAVAILABLE_REASON is None:
         ctx.max_seqlen, ctx.num_heads, ctx.scale, ctx.dropout_p = max_seqlen, num_heads, scale, dropout_p
 
     def _attention_with_lse_backward(ctx, grad, _grad_lse):
-        qkv, cu_seqlens, max_seqlen, num_heads, scale, dropout_p, seed = _attention_args(ctx)
-        out, lse = ctx.saved_tensors[3:]
+        # ctx.saved_tensors is read once: under activation checkpointing a second unpack is an error.
+        qkv, cu_seqlens, seed, out, lse = ctx.saved_tensors
+        max_seqlen, num_heads, scale, dropout_p = ctx.max_seqlen, ctx.num_heads, ctx.scale, ctx.dropout_p
         dqkv = _ops.attention_backward(grad, qkv, out, lse, cu_seqlens, max_seqlen, num_heads, scale, dropout_p, seed)
         return dqkv, None, None, None, None, None, None
 
