@@ -67,6 +67,23 @@ def vector(t: Tensor | None, name: str, n: int, dtype: torch.dtype) -> Tensor | 
     return t.contiguous()
 
 
+def needs_grad(*tensors: Tensor | None) -> bool:
+    """True when autograd will differentiate through an op on ``tensors``: grad mode is on and one requires grad.
+
+    The launchers use it to do training-only work (store attention's log-sum-exp, keep a GEMM's output for the
+    epilogue's backward) only when a backward can follow.
+    """
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def grad_rows(t: Tensor, like: Tensor) -> Tensor:
+    """An incoming gradient as a row-major tensor of ``like``'s shape (autograd may hand in expanded or strided
+    gradients, e.g. the gradient of ``out.sum()``)."""
+    if t.shape != like.shape:
+        raise ValueError(f"gradient has shape {tuple(t.shape)} but the output has {tuple(like.shape)}")
+    return t.contiguous()
+
+
 def row_warps(block_size: int) -> int:
     """Warps for a kernel whose program handles one row of ``block_size`` elements: about 8 elements a thread
     (enough independent loads in flight to hide latency without spilling), between 1 and 16 warps."""
@@ -80,7 +97,8 @@ class KernelSpec:
 
     signature: argument name -> Triton type (``*fp16``, ``i32``, ``fp32``, ``constexpr``); constexprs: values of
     the constexpr arguments; aligned: arguments the JIT would see as 16-divisible in normal use (pointers of fresh
-    allocations, strides of BERT-sized rows); label: a readable id for the test report.
+    allocations, strides of BERT-sized rows); label: a readable id for the test report; training: the kernel runs
+    only when training (a backward kernel, or a forward variant that stores what a backward needs).
     """
 
     fn: Any
@@ -90,11 +108,25 @@ class KernelSpec:
     num_stages: int
     label: str
     aligned: tuple[str, ...] = field(default=())
+    training: bool = False
 
 
-#: Pointers that do not hold activations, by name: token / position / type ids (the launchers pass them as
-#: int64) and cu_seqlens (int32, as everywhere in fastbert). Every other ``*_ptr`` has the storage dtype.
-INDEX_POINTERS = {"_ids_ptr": "*i64", "cu_seqlens_ptr": "*i32"}
+#: Pointers that do not hold activations, by name suffix: token / position / type ids, the sort order of ids
+#: and the segment offsets into it (the launchers pass them as int64), cu_seqlens (int32, as everywhere in fastbert), the dropout seed (an
+#: int64 tensor), and fp32 workspaces: attention's per-row log-sum-exp and delta, per-program partial sums of
+#: the two-stage reductions (``*_partial_ptr``) and fp32 accumulators (``*_acc_ptr``). Every other ``*_ptr`` has
+#: the storage dtype.
+INDEX_POINTERS = {
+    "_ids_ptr": "*i64",
+    "order_ptr": "*i64",
+    "offsets_ptr": "*i64",
+    "cu_seqlens_ptr": "*i32",
+    "seed_ptr": "*i64",
+    "lse_ptr": "*fp32",
+    "delta_ptr": "*fp32",
+    "_partial_ptr": "*fp32",
+    "_acc_ptr": "*fp32",
+}
 
 
 def _is_constexpr(param: inspect.Parameter) -> bool:
@@ -116,7 +148,8 @@ def argument_type(name: str, storage: str) -> str:
     """Triton signature type of the runtime argument ``name`` of a kernel whose activations are ``storage``.
 
     The rule follows fastbert's kernel naming: ``*_ptr`` -> a pointer (``*<storage>``, or the index type of
-    ``INDEX_POINTERS``); ``stride_*``, ``n_*`` and ``*_size`` -> ``i32``; ``eps`` and ``*_scale`` -> ``fp32``.
+    ``INDEX_POINTERS``); ``stride_*``, ``n_*``, ``*_size`` and ``*_threshold`` -> ``i32``; ``eps`` and ``*_scale``
+    -> ``fp32``.
     A name no rule covers raises, so a new kernel argument gets a rule (or a conforming name), never a guess.
     """
     if name.endswith("_ptr"):
@@ -124,12 +157,13 @@ def argument_type(name: str, storage: str) -> str:
             if name.endswith(suffix):
                 return ty
         return f"*{storage}"
-    if name.startswith(("stride_", "n_")) or name.endswith("_size"):
+    if name.startswith(("stride_", "n_")) or name.endswith(("_size", "_threshold")):
         return "i32"
     if name == "eps" or name.endswith("_scale"):  # passed as Python floats: fp32 scalars
         return "fp32"
     raise ValueError(
-        f"kernel argument {name!r} matches no signature rule (*_ptr, stride_*, n_*, *_size, eps, *_scale); "
+        f"kernel argument {name!r} matches no signature rule (*_ptr, stride_*, n_*, *_size, *_threshold, eps, "
+        "*_scale); "
         "rename it or add a rule to kernels/_common.py"
     )
 
@@ -143,12 +177,15 @@ def kernel_spec(
     num_stages: int,
     label: str,
     aligned_sizes: tuple[str, ...] = ("n_cols",),
+    pointer_types: dict[str, str] | None = None,
+    training: bool = False,
 ) -> KernelSpec:
     """The KernelSpec of ``fn`` at storage ``dtype``, its signature derived from the kernel's argument names.
 
     ``constexprs`` must give a value for exactly the kernel's constexpr arguments. The arguments marked
     16-divisible (``aligned``) are every pointer and stride, and the size arguments named in ``aligned_sizes``
-    that the kernel has.
+    that the kernel has. ``pointer_types`` overrides the type of named pointers (a kernel whose input and
+    output dtypes differ, such as a reduction of fp32 partial sums into an fp16 gradient).
     """
     args = kernel_arguments(fn)
     expected = [name for name, is_const in args if is_const]
@@ -156,9 +193,13 @@ def kernel_spec(
         raise ValueError(f"{label}: constexprs {sorted(constexprs)} do not match the kernel's {sorted(expected)}")
     storage = TRITON_TYPES[dtype]
     signature = {name: "constexpr" if is_const else argument_type(name, storage) for name, is_const in args}
+    for name, ty in (pointer_types or {}).items():
+        if not signature.get(name, "").startswith("*"):
+            raise ValueError(f"{label}: pointer_types names {name!r}, which is not a pointer argument")
+        signature[name] = ty
     aligned = tuple(
         name
         for name, is_const in args
         if not is_const and (name.endswith("_ptr") or name.startswith("stride_") or name in aligned_sizes)
     )
-    return KernelSpec(fn, signature, constexprs, num_warps, num_stages, label, aligned)
+    return KernelSpec(fn, signature, constexprs, num_warps, num_stages, label, aligned, training)
