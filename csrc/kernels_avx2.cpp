@@ -20,9 +20,11 @@
 namespace fastbert {
 namespace avx2 {
 #define FASTBERT_ISA_NAME "avx2"
+#define FASTBERT_VEC_BYTES 32
 #include "kernels_dropout.h"
 #include "kernels_impl.h"
 #undef FASTBERT_ISA_NAME
+#undef FASTBERT_VEC_BYTES
 }  // namespace avx2
 }  // namespace fastbert
 

@@ -279,7 +279,9 @@ static bool attn_rows_avx512(int R, const float* qb, int D, const float* kt, int
   return true;
 }
 
+#define FASTBERT_VEC_BYTES 32  // the GEMM tiles of the backward kernels (kernels_impl.h): ymm
 #include "kernels_impl.h"
+#undef FASTBERT_VEC_BYTES
 
 }  // namespace avx512
 }  // namespace fastbert

@@ -586,13 +586,63 @@ static void dropout_bits(int64_t n, uint32_t seed, const int64_t* head, const in
 // Attention backward, one (sequence, head) per task (FlashAttention-2's recomputation). With s = scale q.k,
 // P = exp(s - lse), Z = dropout mask / (1 - p), O = (P * Z) V:
 //   dV = (P * Z)^T dO,  dP = (dO V^T) * Z,  dS = P * (dP - D), D_i = dO_i . O_i,  dQ = scale dS K,  dK = scale dS^T Q.
-// Staged per task in fp32: kt = K^T and vt = V^T (D x Lp, zero-padded keys: the score and dP rows are axpys
-// over contiguous keys), kb = K rows, dk / dv accumulators (L x Dp, Dp = head_dim rounded up to 16 with zero
-// columns, so every loop over features runs whole 16-wide chunks). Queries go in blocks of kBwdRows rows: q
-// (pre-scaled), dO, the P and dS rows of the block stay in L1/L2 while every key is visited once per block.
+// Staged per task in fp32: kt = K^T and vt = V^T (D x Lp, zero-padded keys), kb = K rows, dk / dv accumulators
+// (L x Dp, Dp = head_dim rounded up to 16 with zero columns, so every product has whole 16-wide column tiles).
+// Queries go in blocks of kBwdRows rows; per block the five products are small GEMMs (gemm_tiles) whose
+// 4 x 16 output tiles stay in registers over the reduction, so every loaded vector feeds 4 FMAs.
 // ---------------------------------------------------------------------------------------------------------
 
-static constexpr int kBwdRows = 16;
+static constexpr int kBwdRows = 32;
+
+// A GCC vector of floats, as wide as the including file's ISA asks (FASTBERT_VEC_BYTES: 32 = one ymm register
+// for AVX2 / AVX-512; 16 = one xmm, the SSE2 baseline, by default). The GEMM tile below is written with these
+// because the auto-vectorizer picked its reduction loop instead and shuffled.
+#ifndef FASTBERT_VEC_BYTES
+#define FASTBERT_VEC_BYTES 16
+#endif
+typedef float vfw __attribute__((vector_size(FASTBERT_VEC_BYTES)));
+static constexpr int kLanes = FASTBERT_VEC_BYTES / 4;
+static constexpr int kTileVecs = 16 / kLanes;              // vectors per 16-float tile row
+static constexpr int kTileRows = kTileVecs <= 2 ? 4 : 2;  // accumulators + B vectors within 16 registers
+
+static inline vfw loadv(const float* p) {
+  vfw v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+
+static inline void storev(float* p, vfw v) { __builtin_memcpy(p, &v, sizeof v); }
+
+// C[i][0, 16) (+)= sum_t A(i, t) * B[t][0, 16) for NR rows i: A(i, t) = a[i * ai + t * at], B rows ldb apart.
+// The NR x 16 accumulators stay in registers over the whole reduction; each B vector feeds NR FMAs.
+template <int NR>
+static inline void gemm_tile(const float* a, int64_t ai, int64_t at, const float* b, int64_t ldb, int n, float* c,
+                             int64_t ldc, bool accumulate) {
+  vfw acc[NR][kTileVecs];
+  for (int i = 0; i < NR; ++i)
+    for (int v = 0; v < kTileVecs; ++v) acc[i][v] = accumulate ? loadv(c + i * ldc + v * kLanes) : vfw{};
+  for (int t = 0; t < n; ++t) {
+    vfw bv[kTileVecs];
+    for (int v = 0; v < kTileVecs; ++v) bv[v] = loadv(b + t * ldb + v * kLanes);
+    for (int i = 0; i < NR; ++i) {
+      const float av = a[i * ai + t * at];
+      for (int v = 0; v < kTileVecs; ++v) acc[i][v] += av * bv[v];
+    }
+  }
+  for (int i = 0; i < NR; ++i)
+    for (int v = 0; v < kTileVecs; ++v) storev(c + i * ldc + v * kLanes, acc[i][v]);
+}
+
+// C (m x ncols, ncols a multiple of 16) (+)= A (m x n, A(i, t) = a[i * ai + t * at]) B (n x ncols, rows ldb apart).
+static void gemm_tiles(int m, int ncols, int n, const float* a, int64_t ai, int64_t at, const float* b, int64_t ldb,
+                       float* c, int64_t ldc, bool accumulate) {
+  for (int j0 = 0; j0 < ncols; j0 += 16) {
+    int i = 0;
+    for (; i + kTileRows <= m; i += kTileRows)
+      gemm_tile<kTileRows>(a + i * ai, ai, at, b + j0, ldb, n, c + i * ldc + j0, ldc, accumulate);
+    for (; i < m; ++i) gemm_tile<1>(a + i * ai, ai, at, b + j0, ldb, n, c + i * ldc + j0, ldc, accumulate);
+  }
+}
 
 struct AttnBwdScratch {
   float *kt, *vt, *kb, *dk, *dv, *qb, *gb, *dq, *p, *ds;
@@ -605,7 +655,7 @@ static void attention_backward_task(const AttnBwdArgs& a, const AttnTask& task, 
   const int64_t qcol = static_cast<int64_t>(task.head) * D, kcol = hidden + qcol, vcol = 2 * hidden + qcol;
   const float scale = a.scale;
   const bool dropout = a.threshold > 0;
-  // Stage K and V (fp32): rows into kb (and, transposed, kt) and, through dk as a row buffer, vt.
+  // Stage K and V (fp32): rows into kb (and, transposed, kt) and, through dv as a row buffer, vt.
   for (int j = 0; j < L; ++j) {
     float* kr = w.kb + static_cast<int64_t>(j) * Dp;
     load_row(elem(a.qkv, (task.start + j) * a.ld_qkv + kcol, bf16), D, bf16, kr);
@@ -622,57 +672,38 @@ static void attention_backward_task(const AttnBwdArgs& a, const AttnTask& task, 
   for (int64_t i = 0; i < static_cast<int64_t>(L) * Dp; ++i) w.dk[i] = w.dv[i] = 0.f;
 
   float di[kBwdRows], lse[kBwdRows];
-  uint32_t key[kBwdRows];
   for (int q0 = 0; q0 < L; q0 += kBwdRows) {
     const int R = L - q0 < kBwdRows ? L - q0 : kBwdRows;
-    // The block's q (scaled), dO and D_i = dO . O; its lse and dropout keys.
+    // The block's q (scaled), dO and D_i = dO . O, its lse.
     for (int r = 0; r < R; ++r) {
       const int64_t row = task.start + q0 + r;
       float* qr = w.qb + r * Dp;
       float* gr = w.gb + r * Dp;
-      float* dq = w.dq + r * Dp;
+      float* orow = w.dq + r * Dp;  // O, only to form D_i (dq is written below)
       load_row(elem(a.qkv, row * a.ld_qkv + qcol, bf16), D, bf16, qr);
       load_row(elem(a.dout, row * a.ld_dout + qcol, bf16), D, bf16, gr);
-      load_row(elem(a.out, row * a.ld_out + qcol, bf16), D, bf16, dq);  // O, only to form D_i
-      di[r] = dot16(gr, dq, D);
+      load_row(elem(a.out, row * a.ld_out + qcol, bf16), D, bf16, orow);
+      di[r] = dot16(gr, orow, D);
       for (int d = 0; d < D; ++d) qr[d] *= scale;
       for (int d = D; d < Dp; ++d) qr[d] = gr[d] = 0.f;
-      for (int d = 0; d < Dp; ++d) dq[d] = 0.f;
       lse[r] = a.lse[task.head * a.ld_lse + row];
-      if (dropout)
-        key[r] = dropout_row_key(a.seed, static_cast<uint32_t>(task.head), static_cast<uint32_t>(row));
     }
-    // Scores and dO V^T, 16 keys at a time with the accumulators in registers.
+    // Scores s = q K^T and dO V^T (R x Lp).
+    gemm_tiles(R, Lp, D, w.qb, Dp, 1, w.kt, Lp, w.p, Lp, false);
+    gemm_tiles(R, Lp, D, w.gb, Dp, 1, w.vt, Lp, w.ds, Lp, false);
+    // p <- P * Z (what multiplied V), ds <- dS = P * (dP * Z - D_i); padded keys set to 0 (no contribution).
     for (int r = 0; r < R; ++r) {
-      const float* qr = w.qb + r * Dp;
-      const float* gr = w.gb + r * Dp;
       float* pr = w.p + static_cast<int64_t>(r) * Lp;
       float* sr = w.ds + static_cast<int64_t>(r) * Lp;
-      for (int j0 = 0; j0 < Lp; j0 += 16) {
-        float as[16] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        float ag[16] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        for (int d = 0; d < D; ++d) {
-          const float qd = qr[d], gd = gr[d];
-          const float* kr = w.kt + static_cast<int64_t>(d) * Lp + j0;
-          const float* vr = w.vt + static_cast<int64_t>(d) * Lp + j0;
-          for (int k = 0; k < 16; ++k) {
-            as[k] += qd * kr[k];
-            ag[k] += gd * vr[k];
-          }
-        }
-        for (int k = 0; k < 16; ++k) {
-          pr[j0 + k] = as[k];
-          sr[j0 + k] = ag[k];
-        }
-      }
-      // p <- P * Z (what multiplied V), ds <- dS = P * (dP * Z - D_i); keys >= L stay out of every loop below.
       const float m = lse[r], dr = di[r];
       if (dropout) {
-        const uint32_t thr = a.threshold, kr = key[r];
+        const uint32_t thr = a.threshold;
+        const uint32_t key =
+            dropout_row_key(a.seed, static_cast<uint32_t>(task.head), static_cast<uint32_t>(task.start + q0 + r));
         const float ks = a.keep_scale;
         for (int j = 0; j < L; ++j) {
           const float pj = exp_f32(pr[j] - m);
-          const float z = dropout_bits_of(kr, static_cast<uint32_t>(j)) >= thr ? ks : 0.f;
+          const float z = dropout_bits_of(key, static_cast<uint32_t>(j)) >= thr ? ks : 0.f;
           pr[j] = pj * z;
           sr[j] = pj * (sr[j] * z - dr);
         }
@@ -683,35 +714,13 @@ static void attention_backward_task(const AttnBwdArgs& a, const AttnTask& task, 
           sr[j] = pj * (sr[j] - dr);
         }
       }
+      for (int j = L; j < Lp; ++j) pr[j] = sr[j] = 0.f;
     }
-    // dV_j += sum_r p[r, j] dO_r, dK_j += sum_r dS[r, j] q_r (q pre-scaled), dQ_r += dS[r, j] K_j.
-    for (int j = 0; j < L; ++j) {
-      float* dvj = w.dv + static_cast<int64_t>(j) * Dp;
-      float* dkj = w.dk + static_cast<int64_t>(j) * Dp;
-      const float* kj = w.kb + static_cast<int64_t>(j) * Dp;
-      for (int d0 = 0; d0 < Dp; d0 += 16) {
-        float av[16], ak[16];
-        for (int k = 0; k < 16; ++k) {
-          av[k] = dvj[d0 + k];
-          ak[k] = dkj[d0 + k];
-        }
-        for (int r = 0; r < R; ++r) {
-          const float pj = w.p[static_cast<int64_t>(r) * Lp + j], sj = w.ds[static_cast<int64_t>(r) * Lp + j];
-          const float* gr = w.gb + r * Dp + d0;
-          const float* qr = w.qb + r * Dp + d0;
-          float* dq = w.dq + r * Dp + d0;
-          for (int k = 0; k < 16; ++k) {
-            av[k] += pj * gr[k];
-            ak[k] += sj * qr[k];
-            dq[k] += sj * kj[d0 + k];
-          }
-        }
-        for (int k = 0; k < 16; ++k) {
-          dvj[d0 + k] = av[k];
-          dkj[d0 + k] = ak[k];
-        }
-      }
-    }
+    // dV += (P Z)^T dO, dK += dS^T q (q pre-scaled): L x Dp, reduction over the block's R rows.
+    gemm_tiles(L, Dp, R, w.p, 1, Lp, w.gb, Dp, w.dv, Dp, true);
+    gemm_tiles(L, Dp, R, w.ds, 1, Lp, w.qb, Dp, w.dk, Dp, true);
+    // dQ = scale dS K: R x Dp, reduction over the L keys.
+    gemm_tiles(R, Dp, L, w.ds, Lp, 1, w.kb, Dp, w.dq, Dp, false);
     for (int r = 0; r < R; ++r) {
       float* dq = w.dq + r * Dp;
       for (int d = 0; d < D; ++d) dq[d] *= scale;
