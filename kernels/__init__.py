@@ -3,6 +3,11 @@
 One op per file; each exposes the function of ``fastbert.reference`` with the same name and signature. GEMMs
 are cuBLAS through torch, with their epilogues (bias + GELU, bias + residual + LayerNorm) as fused Triton
 passes. Kernels run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+
+Every op is differentiable: each file also holds the op's Triton backward kernels and registers forward and
+backward as ``torch.library`` custom ops (namespace ``fastbert_triton``) with ``register_fake`` and
+``register_autograd``, so eager autograd and torch.compile share one contract. Eager inference (no gradient
+needed, not compiling) calls the launchers directly. Double backward is not supported (a clear RuntimeError).
 """
 
 UNAVAILABLE_REASON: str | None = None

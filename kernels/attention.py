@@ -33,6 +33,7 @@ from ._common import (
     kernel_spec,
     needs_grad,
     next_power_of_2,
+    through_op,
 )
 
 #: Largest head_dim handled (the fp32 accumulator is BLOCK_M x BLOCK_D registers).
@@ -705,6 +706,8 @@ def attention(
     is stored only when qkv requires grad (the inference path does no extra work).
     """
     check_dropout(dropout_p, seed, qkv.device if isinstance(qkv, Tensor) else None)
+    if not through_op(qkv):
+        return attention_fwd(qkv, cu_seqlens, max_seqlen, num_heads, scale, dropout_p, seed)[0]
     out, _ = torch.ops.fastbert_triton.attention(
         qkv, cu_seqlens, max_seqlen, num_heads, float(scale), float(dropout_p), seed, needs_grad(qkv)
     )

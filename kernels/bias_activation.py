@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import TRITON_TYPES, KernelSpec, check_tensor, dtype_name, grad_rows, kernel_spec, vector
+from ._common import TRITON_TYPES, KernelSpec, check_tensor, dtype_name, grad_rows, kernel_spec, through_op, vector
 from .layer_norm import column_sum
 
 #: Activation names (None = identity), as in fastbert.reference.
@@ -228,6 +228,8 @@ _bias_activation_op.register_autograd(_bias_activation_backward, setup_context=_
 def bias_activation(x: Tensor, bias: Tensor | None, act: str | None) -> Tensor:
     """act(x + bias). x: (T, N), bias: (N,) or None. Differentiable in x and bias."""
     _check_activation(act)
+    if not through_op(x, bias):
+        return bias_activation_fwd(x, bias, act)
     return torch.ops.fastbert_triton.bias_activation(x, bias, act)
 
 

@@ -22,6 +22,7 @@ from ._common import (
     kernel_spec,
     next_power_of_2,
     row_warps,
+    through_op,
     vector,
 )
 from .layer_norm import bwd_programs, column_sum, layer_norm_row, layer_norm_row_bwd
@@ -517,6 +518,9 @@ def embeddings(
     every token when token_type_weight exists). Weights: (rows, E), rows with unit stride. Returns (T, E).
     Differentiable in every table and the LayerNorm parameters; each id is checked against its table.
     """
+    args = (input_ids, position_ids, token_type_ids, word_weight, position_weight, token_type_weight, ln_weight)
+    if not through_op(word_weight, position_weight, token_type_weight, ln_weight, ln_bias):
+        return embeddings_fwd(*args, ln_bias, eps)
     return torch.ops.fastbert_triton.embeddings(
         input_ids,
         position_ids,

@@ -26,6 +26,7 @@ from ._common import (
     next_power_of_2,
     row_warps,
     rows_contiguous,
+    through_op,
     vector,
 )
 
@@ -388,6 +389,8 @@ def add_layernorm(x: Tensor, residual: Tensor | None, ln_weight: Tensor, ln_bias
     """LayerNorm(x + residual) over the last dim; residual may be None. x, residual: (T, N).
 
     Differentiable in x, residual, ln_weight and ln_bias."""
+    if not through_op(x, residual, ln_weight, ln_bias):
+        return add_layer_norm_fwd(x, None, residual, ln_weight, ln_bias, eps)
     return torch.ops.fastbert_triton.add_layer_norm(x, None, residual, ln_weight, ln_bias, float(eps))
 
 
@@ -397,6 +400,8 @@ def bias_residual_layernorm(
     """LayerNorm(x + bias + residual). x, residual: (T, N); bias: (N,) or None. Differentiable in every tensor."""
     if residual is None:
         raise ValueError("bias_residual_layernorm needs a residual (use add_layernorm without one)")
+    if not through_op(x, bias, residual, ln_weight, ln_bias):
+        return add_layer_norm_fwd(x, bias, residual, ln_weight, ln_bias, eps)
     return torch.ops.fastbert_triton.add_layer_norm(x, bias, residual, ln_weight, ln_bias, float(eps))
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import check_tensor, needs_grad
+from ._common import check_tensor, needs_grad, through_op
 from .bias_activation import ACTIVATIONS, bias_activation_fwd
 from .layer_norm import add_layer_norm_fwd
 
@@ -98,6 +98,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, act: str | None = Non
         if bias is not None:
             check_tensor(bias, "bias", x.dtype)
         return F.linear(x, weight, bias)  # cuBLAS applies the bias in its epilogue; torch differentiates it
+    if not through_op(x, weight, bias):
+        y = _matmul(x, weight)
+        return bias_activation_fwd(y, bias, act, out=y)
     out, _ = torch.ops.fastbert_triton.linear_activation(x, weight, bias, act, needs_grad(x, weight, bias))
     return out
 
@@ -161,6 +164,9 @@ def linear_residual_layernorm(
     Differentiable in every tensor."""
     if residual is None:
         raise ValueError("linear_residual_layernorm needs a residual")
+    if not through_op(x, weight, bias, residual, ln_weight, ln_bias):
+        y = _matmul(x, weight)
+        return add_layer_norm_fwd(y, bias, residual, ln_weight, ln_bias, eps, out=y)
     save_pre = needs_grad(x, weight, bias, residual, ln_weight, ln_bias)
     out, _ = torch.ops.fastbert_triton.linear_residual_layernorm(
         x, weight, bias, residual, ln_weight, ln_bias, float(eps), save_pre
