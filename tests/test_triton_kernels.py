@@ -266,20 +266,40 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_every_launch_config_is_compiled_ahead_of_time():
-    """The configs the launchers choose are exactly those test_triton_compile.py compiles."""
-    aot = {(s.constexprs["BLOCK_D"], s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"], s.num_warps, s.num_stages,
-            s.signature["qkv_ptr"]) for s in attention_mod.aot_specs()}  # fmt: skip
+    """The configs the launchers choose are exactly those test_triton_compile.py compiles (forward and backward;
+    with FASTBERT_AOT_FULL unset the compile test runs a subset of these, see there)."""
+    specs = attention_mod.aot_specs()
+
+    def configs(kernel):
+        return {(s.constexprs["BLOCK_D"], s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"], s.num_warps,
+                 s.num_stages, s.signature["qkv_ptr"]) for s in specs if s.fn is kernel}  # fmt: skip
+
+    fwd = configs(attention_mod._attention_fwd_kernel)
+    dkdv, dq = configs(attention_mod._attention_bwd_dkdv_kernel), configs(attention_mod._attention_bwd_dq_kernel)
+    fwd_variants = {(s.constexprs["HEAD_DIM"], s.constexprs["HAS_DROPOUT"], s.constexprs["STORE_LSE"])
+                    for s in specs if s.fn is attention_mod._attention_fwd_kernel}  # fmt: skip
     types = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
     for dtype, ty in types.items():
         for head_dim in range(1, attention_mod.MAX_HEAD_DIM + 1):
             for max_seqlen in (1, 64, 65, 100000):
                 c = attention_mod.attention_config(head_dim, dtype, max_seqlen)
-                assert (c.BLOCK_D, c.BLOCK_M, c.BLOCK_N, c.num_warps, c.num_stages, ty) in aot, (dtype, head_dim)
-    ln_blocks = {s.constexprs["BLOCK_SIZE"] for s in layer_norm_mod.aot_specs()}
-    emb_blocks = {s.constexprs["BLOCK_SIZE"] for s in embeddings_mod.aot_specs()}
-    for n in range(1, layer_norm_mod.MAX_COLUMNS + 1):
-        assert layer_norm_mod.layer_norm_config(n)[0] in ln_blocks
-        assert embeddings_mod.embeddings_config(n)[0] in emb_blocks
+                assert (c.BLOCK_D, c.BLOCK_M, c.BLOCK_N, c.num_warps, c.num_stages, ty) in fwd, (dtype, head_dim)
+            c_kv, c_q = attention_mod.attention_bwd_config(head_dim, dtype)
+            assert (c_kv.BLOCK_D, c_kv.BLOCK_M, c_kv.BLOCK_N, c_kv.num_warps, c_kv.num_stages, ty) in dkdv
+            assert (c_q.BLOCK_D, c_q.BLOCK_M, c_q.BLOCK_N, c_q.num_warps, c_q.num_stages, ty) in dq
+    for head_dim in attention_mod.HEAD_DIMS:
+        for has_dropout, store_lse in attention_mod.FWD_VARIANTS:
+            assert (head_dim, has_dropout, store_lse) in fwd_variants
+    for module, config in ((layer_norm_mod, layer_norm_mod.layer_norm_config),
+                           (embeddings_mod, embeddings_mod.embeddings_config)):  # fmt: skip
+        blocks = {}
+        for s in module.aot_specs():
+            if "BLOCK_SIZE" in s.constexprs:
+                blocks.setdefault(s.fn, set()).add(s.constexprs["BLOCK_SIZE"])
+        assert len(blocks) >= 2, "forward and backward row kernels"
+        for n in range(1, module.MAX_COLUMNS + 1):
+            for kernel_blocks in blocks.values():
+                assert config(n)[0] in kernel_blocks, (module.__name__, n)
 
 
 # ---------------------------------------------------------------------------------------------------------
