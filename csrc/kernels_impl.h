@@ -72,6 +72,19 @@ static inline float sum16(const float* v, int64_t n) {
   return s;
 }
 
+// max of v[0, n) (n >= 1) with 16 independent partial maxima, so the loop vectorizes.
+static inline float max16(const float* v, int64_t n) {
+  float acc[16];
+  for (int k = 0; k < 16; ++k) acc[k] = v[0];
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int k = 0; k < 16; ++k) acc[k] = v[i + k] > acc[k] ? v[i + k] : acc[k];
+  for (; i < n; ++i) acc[0] = v[i] > acc[0] ? v[i] : acc[0];
+  float m = acc[0];
+  for (int k = 1; k < 16; ++k) m = acc[k] > m ? acc[k] : m;
+  return m;
+}
+
 static inline float sumsq_centered16(const float* v, int64_t n, float mean) {
   float acc[16] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   int64_t i = 0;
@@ -228,52 +241,101 @@ static void embeddings(int64_t t0, int64_t t1, int64_t e, const int64_t* ids, co
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Attention. Per task: K of the (sequence, head) is transposed once into kt (D x Lp, Lp = len rounded up to 16,
-// zero-padded) so that a score row is a sum of D axpys over contiguous keys, and V is copied once into a compact
-// fp32 (len x D) block (a V row sits 3 * hidden elements from the next one in qkv: the copy keeps the PV loop in
-// L1/L2 instead of striding across megabytes). Queries go in blocks of up to 8 rows (pre-scaled): each kt and V
-// load then feeds 8 rows' FMAs, so the loops are FMA-bound rather than load-bound. Scores in fp32, softmax in fp32
-// over exactly `len` keys, output normalised by 1/sum at the end. Tokens of other sequences are never read.
+// Small fp32 GEMMs on register tiles (attention forward and backward)
 // ---------------------------------------------------------------------------------------------------------
 
-// drop (null: no dropout) zeroes the dropped probabilities and scales the kept ones by 1 / (1 - p); the
-// normaliser counts every key. lse (null: not saved) gets each row's log-sum-exp of the scores.
-static void attn_rows_generic(int R, const float* qb, int D, const float* kt, int Lp, int L, const float* v,
-                              int64_t ldv, float* s, float* ob, bool bf16, void* out, int64_t ldo,
-                              const DropRows* drop, float* lse) {
-  for (int r = 0; r < R; ++r) {
-    float* sr = s + static_cast<int64_t>(r) * Lp;
-    for (int j = 0; j < Lp; ++j) sr[j] = 0.f;
-    for (int d = 0; d < D; ++d) {
-      const float qd = qb[r * D + d];
-      const float* kr = kt + static_cast<int64_t>(d) * Lp;
-      for (int j = 0; j < Lp; ++j) sr[j] += qd * kr[j];
+// A GCC vector of floats, as wide as the including file's ISA asks (FASTBERT_VEC_BYTES: 32 = one ymm register
+// for AVX2 / AVX-512; 16 = one xmm, the SSE2 baseline, by default). The GEMM tile below is written with these
+// because the auto-vectorizer picked its reduction loop instead and shuffled.
+#ifndef FASTBERT_VEC_BYTES
+#define FASTBERT_VEC_BYTES 16
+#endif
+typedef float vfw __attribute__((vector_size(FASTBERT_VEC_BYTES)));
+static constexpr int kLanes = FASTBERT_VEC_BYTES / 4;
+static constexpr int kTileVecs = 16 / kLanes;              // vectors per 16-float tile row
+static constexpr int kTileRows = kTileVecs <= 2 ? 4 : 2;  // accumulators + B vectors within 16 registers
+
+static inline vfw loadv(const float* p) {
+  vfw v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+
+static inline void storev(float* p, vfw v) { __builtin_memcpy(p, &v, sizeof v); }
+
+// C[i][0, 16) (+)= sum_t A(i, t) * B[t][0, 16) for NR rows i: A(i, t) = a[i * ai + t * at], B rows ldb apart.
+// The NR x 16 accumulators stay in registers over the whole reduction; each B vector feeds NR FMAs.
+template <int NR>
+static inline void gemm_tile(const float* a, int64_t ai, int64_t at, const float* b, int64_t ldb, int n, float* c,
+                             int64_t ldc, bool accumulate) {
+  vfw acc[NR][kTileVecs];
+  for (int i = 0; i < NR; ++i)
+    for (int v = 0; v < kTileVecs; ++v) acc[i][v] = accumulate ? loadv(c + i * ldc + v * kLanes) : vfw{};
+  for (int t = 0; t < n; ++t) {
+    vfw bv[kTileVecs];
+    for (int v = 0; v < kTileVecs; ++v) bv[v] = loadv(b + t * ldb + v * kLanes);
+    for (int i = 0; i < NR; ++i) {
+      const float av = a[i * ai + t * at];
+      for (int v = 0; v < kTileVecs; ++v) acc[i][v] += av * bv[v];
     }
-    float m = sr[0];
-    for (int j = 1; j < L; ++j) m = sr[j] > m ? sr[j] : m;
-    float sum = 0.f;
-    for (int j = 0; j < L; ++j) {
-      sr[j] = __builtin_expf(sr[j] - m);
-      sum += sr[j];
-    }
-    float inv = 1.0f / sum;
-    if (lse != nullptr) lse[r] = m + __builtin_logf(sum);
-    if (drop != nullptr) {
-      dropout_row(sr, L, drop->key[r], drop->threshold);
-      inv *= drop->keep_scale;
-    }
-    for (int d = 0; d < D; ++d) ob[d] = 0.f;
-    for (int j = 0; j < L; ++j) {
-      const float p = sr[j];
-      const float* vr = v + j * ldv;
-      for (int d = 0; d < D; ++d) ob[d] += p * vr[d];
-    }
-    for (int d = 0; d < D; ++d) ob[d] *= inv;
-    store_row(ob, D, bf16, elem(out, r * ldo, bf16));
+  }
+  for (int i = 0; i < NR; ++i)
+    for (int v = 0; v < kTileVecs; ++v) storev(c + i * ldc + v * kLanes, acc[i][v]);
+}
+
+// C (m x ncols, ncols a multiple of 16) (+)= A (m x n, A(i, t) = a[i * ai + t * at]) B (n x ncols, rows ldb apart).
+static void gemm_tiles(int m, int ncols, int n, const float* a, int64_t ai, int64_t at, const float* b, int64_t ldb,
+                       float* c, int64_t ldc, bool accumulate) {
+  for (int j0 = 0; j0 < ncols; j0 += 16) {
+    int i = 0;
+    for (; i + kTileRows <= m; i += kTileRows)
+      gemm_tile<kTileRows>(a + i * ai, ai, at, b + j0, ldb, n, c + i * ldc + j0, ldc, accumulate);
+    for (; i < m; ++i) gemm_tile<1>(a + i * ai, ai, at, b + j0, ldb, n, c + i * ldc + j0, ldc, accumulate);
   }
 }
 
-// Generic staging of one (sequence, head): kt = K^T (D x Lp, columns L..Lp zero), vb = V (L x D) in fp32.
+// ---------------------------------------------------------------------------------------------------------
+// Attention. Per task: K of the (sequence, head) is transposed once into kt (D x Lp, Lp = len rounded up to 16,
+// zero-padded) so that a score row is a sum of D axpys over contiguous keys, and V is copied once into a compact
+// fp32 (len x Dp, Dp = D rounded up to 16, zero columns) block (a V row sits 3 * hidden elements from the next one
+// in qkv: the copy keeps the PV loop in L1/L2 instead of striding across megabytes). Queries go in blocks of up to
+// 8 rows (pre-scaled): each kt and V load then feeds several rows' FMAs (the AVX-512 micro-kernels, or the
+// register-tiled gemm_tiles elsewhere), so the loops are FMA-bound rather than load-bound. Scores in fp32, softmax in fp32
+// over exactly `len` keys, output normalised by 1/sum at the end. Tokens of other sequences are never read.
+// ---------------------------------------------------------------------------------------------------------
+
+// Rows 0..R (<= kQRows) of one (sequence, head): S = q K^T and O = P V as register-tiled GEMMs (gemm_tiles), the
+// softmax in between over exactly L keys. qb: R x D (pre-scaled); v: L rows ldv apart with zero columns up to
+// Dp = D rounded up to 16; s: R x Lp scratch; ob: R x Dp scratch. drop (null: no dropout) zeroes the dropped
+// probabilities and scales the kept ones by 1 / (1 - p); the normaliser counts every key. lse (null: not saved)
+// gets each row's log-sum-exp of the scores.
+static void attn_rows_generic(int R, const float* qb, int D, const float* kt, int Lp, int L, const float* v,
+                              int64_t ldv, float* s, float* ob, bool bf16, void* out, int64_t ldo,
+                              const DropRows* drop, float* lse) {
+  const int Dp = (D + 15) / 16 * 16;
+  gemm_tiles(R, Lp, D, qb, D, 1, kt, Lp, s, Lp, false);
+  float inv[kQRows];
+  for (int r = 0; r < R; ++r) {
+    float* sr = s + static_cast<int64_t>(r) * Lp;
+    const float m = max16(sr, L);
+    for (int j = 0; j < L; ++j) sr[j] = exp_f32(sr[j] - m);
+    const float sum = sum16(sr, L);
+    inv[r] = 1.0f / sum;
+    if (lse != nullptr) lse[r] = m + __builtin_logf(sum);
+    if (drop != nullptr) {
+      dropout_row(sr, L, drop->key[r], drop->threshold);
+      inv[r] *= drop->keep_scale;
+    }
+  }
+  gemm_tiles(R, Dp, L, s, Lp, 1, v, ldv, ob, Dp, false);
+  for (int r = 0; r < R; ++r) {
+    float* o = ob + static_cast<int64_t>(r) * Dp;
+    for (int d = 0; d < D; ++d) o[d] *= inv[r];
+    store_row(o, D, bf16, elem(out, r * ldo, bf16));
+  }
+}
+
+// Generic staging of one (sequence, head): kt = K^T (D x Lp, columns L..Lp zero), vb = V (L x Dp) in fp32.
 static void stage_kv_generic(const void* qkv, int64_t ld, int64_t start, int L, int Lp, int64_t kcol, int64_t vcol,
                              int D, bool bf16, float* kt, float* vb) {
   // K transposed in slabs of 16 features: while j runs over the sequence, a slab writes 16 kt rows whose
@@ -291,9 +353,10 @@ static void stage_kv_generic(const void* qkv, int64_t ld, int64_t start, int L, 
       }
     }
   }
+  const int Dp = (D + 15) / 16 * 16;  // V rows Dp apart, zero past D: P V then runs on whole 16-wide tiles
   for (int j = 0; j < L; ++j) {
     const int64_t row = (start + j) * ld + vcol;
-    float* vj = vb + static_cast<int64_t>(j) * D;
+    float* vj = vb + static_cast<int64_t>(j) * Dp;
     if (bf16) {
       const uint16_t* vr = static_cast<const uint16_t*>(qkv) + row;
       for (int d = 0; d < D; ++d) vj[d] = bf16_to_f32(vr[d]);
@@ -301,6 +364,7 @@ static void stage_kv_generic(const void* qkv, int64_t ld, int64_t start, int L, 
       const float* vr = static_cast<const float*>(qkv) + row;
       for (int d = 0; d < D; ++d) vj[d] = vr[d];
     }
+    for (int d = D; d < Dp; ++d) vj[d] = 0.f;
   }
   for (int d = 0; d < D; ++d)
     for (int j = L; j < Lp; ++j) kt[static_cast<int64_t>(d) * Lp + j] = 0.f;
@@ -356,10 +420,11 @@ static void attention(const AttnArgs& a, const AttnTask* tasks, int64_t n) {
   const int lp_max = (max_len + 15) / 16 * 16;
   const int64_t hidden = static_cast<int64_t>(a.num_heads) * D;
   float* kt = alloc_floats(static_cast<int64_t>(D) * lp_max);
-  float* vb = alloc_floats(static_cast<int64_t>(max_len) * D);
+  const int Dp = (D + 15) / 16 * 16;
+  float* vb = alloc_floats(static_cast<int64_t>(max_len) * Dp);
   float* qb = alloc_floats(static_cast<int64_t>(kQRows) * D);
   float* s = alloc_floats(static_cast<int64_t>(kQRows) * lp_max);
-  float* ob = alloc_floats(D);
+  float* ob = alloc_floats(static_cast<int64_t>(kQRows) * Dp);
   float lse_rows[kQRows];
   DropRows drop;
   drop.threshold = a.threshold;
@@ -391,7 +456,7 @@ static void attention(const AttnArgs& a, const AttnTask* tasks, int64_t n) {
       pf.clear();
     }
     const float* v = vb;
-    const int64_t ldv = D;
+    const int64_t ldv = Dp;  // == D on the AVX-512 path (head_dim a multiple of 16)
     for (int q = task.q0; q < task.q1; q += kQRows) {
       const int R = task.q1 - q < kQRows ? task.q1 - q : kQRows;
       const int blocks_left = (task.q1 - q + kQRows - 1) / kQRows;
@@ -593,56 +658,6 @@ static void dropout_bits(int64_t n, uint32_t seed, const int64_t* head, const in
 // ---------------------------------------------------------------------------------------------------------
 
 static constexpr int kBwdRows = 32;
-
-// A GCC vector of floats, as wide as the including file's ISA asks (FASTBERT_VEC_BYTES: 32 = one ymm register
-// for AVX2 / AVX-512; 16 = one xmm, the SSE2 baseline, by default). The GEMM tile below is written with these
-// because the auto-vectorizer picked its reduction loop instead and shuffled.
-#ifndef FASTBERT_VEC_BYTES
-#define FASTBERT_VEC_BYTES 16
-#endif
-typedef float vfw __attribute__((vector_size(FASTBERT_VEC_BYTES)));
-static constexpr int kLanes = FASTBERT_VEC_BYTES / 4;
-static constexpr int kTileVecs = 16 / kLanes;              // vectors per 16-float tile row
-static constexpr int kTileRows = kTileVecs <= 2 ? 4 : 2;  // accumulators + B vectors within 16 registers
-
-static inline vfw loadv(const float* p) {
-  vfw v;
-  __builtin_memcpy(&v, p, sizeof v);
-  return v;
-}
-
-static inline void storev(float* p, vfw v) { __builtin_memcpy(p, &v, sizeof v); }
-
-// C[i][0, 16) (+)= sum_t A(i, t) * B[t][0, 16) for NR rows i: A(i, t) = a[i * ai + t * at], B rows ldb apart.
-// The NR x 16 accumulators stay in registers over the whole reduction; each B vector feeds NR FMAs.
-template <int NR>
-static inline void gemm_tile(const float* a, int64_t ai, int64_t at, const float* b, int64_t ldb, int n, float* c,
-                             int64_t ldc, bool accumulate) {
-  vfw acc[NR][kTileVecs];
-  for (int i = 0; i < NR; ++i)
-    for (int v = 0; v < kTileVecs; ++v) acc[i][v] = accumulate ? loadv(c + i * ldc + v * kLanes) : vfw{};
-  for (int t = 0; t < n; ++t) {
-    vfw bv[kTileVecs];
-    for (int v = 0; v < kTileVecs; ++v) bv[v] = loadv(b + t * ldb + v * kLanes);
-    for (int i = 0; i < NR; ++i) {
-      const float av = a[i * ai + t * at];
-      for (int v = 0; v < kTileVecs; ++v) acc[i][v] += av * bv[v];
-    }
-  }
-  for (int i = 0; i < NR; ++i)
-    for (int v = 0; v < kTileVecs; ++v) storev(c + i * ldc + v * kLanes, acc[i][v]);
-}
-
-// C (m x ncols, ncols a multiple of 16) (+)= A (m x n, A(i, t) = a[i * ai + t * at]) B (n x ncols, rows ldb apart).
-static void gemm_tiles(int m, int ncols, int n, const float* a, int64_t ai, int64_t at, const float* b, int64_t ldb,
-                       float* c, int64_t ldc, bool accumulate) {
-  for (int j0 = 0; j0 < ncols; j0 += 16) {
-    int i = 0;
-    for (; i + kTileRows <= m; i += kTileRows)
-      gemm_tile<kTileRows>(a + i * ai, ai, at, b + j0, ldb, n, c + i * ldc + j0, ldc, accumulate);
-    for (; i < m; ++i) gemm_tile<1>(a + i * ai, ai, at, b + j0, ldb, n, c + i * ldc + j0, ldc, accumulate);
-  }
-}
 
 struct AttnBwdScratch {
   float *kt, *vt, *kb, *dk, *dv, *qb, *gb, *dq, *p, *ds;

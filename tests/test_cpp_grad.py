@@ -469,6 +469,34 @@ def test_autograd_registration_covers_every_op():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastbert::{name}", "Autograd"), f"{name}: no autograd"
 
 
+def test_expanded_output_gradient():
+    """out.sum().backward() hands every op a stride-0 gradient: read as such, not as one row."""
+    gen = torch.Generator().manual_seed(4)
+    x, res, lw, lb = (
+        torch.randn(9, 24, generator=gen),
+        torch.randn(9, 24, generator=gen),
+        torch.ones(24),
+        torch.zeros(24),
+    )
+    qkv, cu = torch.randn(9, 3 * 2 * 8, generator=gen), _cu([4, 5])
+    w = torch.randn(24, 24, generator=gen) / 5
+    cases = [
+        (_cpp.add_layernorm, reference.add_layernorm, [x, res, lw, lb, 1e-5]),
+        (_cpp.bias_activation, reference.bias_activation, [x, lb, "silu"]),
+        (_cpp.linear, reference.linear, [x, w, lb, "tanh"]),
+        (_cpp.linear_residual_layernorm, reference.linear_residual_layernorm, [x, w, lb, res, lw, lb, 1e-5]),
+        (_cpp.attention, reference.attention, [qkv, cu, 5, 2, 0.3, 0.2, torch.tensor([8])]),
+    ]
+    for cpp_fn, ref_fn, args in cases:
+        got = [_leaf(a) for a in args]
+        want = [_leaf(f64(a)) if isinstance(a, torch.Tensor) else a for a in args]
+        cpp_fn(*got).sum().backward()
+        ref_fn(*want).sum().backward()
+        for g, r in zip(got, want, strict=True):
+            if isinstance(g, torch.Tensor) and g.requires_grad:
+                torch.testing.assert_close(g.grad.double(), r.grad, rtol=1e-4, atol=1e-4)
+
+
 def test_double_backward_raises():
     x = torch.randn(5, 8, requires_grad=True)
     out = _cpp.bias_activation(x, None, "gelu")
