@@ -189,7 +189,7 @@ LINEAR_IDS = ["T1-K37-N16", "T97-K64-N37", "T200-K96-N128", "T0-K8-N5"]
 @pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=LINEAR_IDS)
 @pytest.mark.parametrize("act", [*reference.ACTIVATIONS, None])
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
-def test_linear_grad(dtype, shape, act, packed):
+def test_linear_grad(isa, dtype, shape, act, packed):
     t, k, n = shape
     gen = torch.Generator().manual_seed(t + k + n)
     x = torch.randn(t, k, generator=gen)
