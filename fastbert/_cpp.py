@@ -453,3 +453,15 @@ def prepack_linear(weight: Tensor) -> Any:
         return None
     with torch.no_grad():
         return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
+
+
+if UNAVAILABLE_REASON is None:
+    # Mixed precision: under torch.autocast on the CPU the GEMMs and attention compute in bfloat16 (the low-precision
+    # dtype these kernels have; inputs, weights included, are cast per call as autocast casts for torch's own
+    # matmuls), while embeddings and every LayerNorm read and write float32, so the residual stream stays float32 as
+    # in transformers under autocast. The fused linear + residual + LayerNorm is cast to float32 as a whole (its
+    # residual must not be rounded); training runs its GEMM as a separate, bfloat16 ``linear``.
+    for _name in ("linear", "bias_activation", "attention", "attention_with_lse"):
+        torch.library.register_autocast(f"fastbert::{_name}", "cpu", torch.bfloat16)
+    for _name in ("embeddings", "add_layernorm", "bias_residual_layernorm", "linear_residual_layernorm"):
+        torch.library.register_autocast(f"fastbert::{_name}", "cpu", torch.float32)

@@ -530,3 +530,38 @@ def test_ddp_two_processes_match_one_process(backend, tmp_path):
     model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(ranks[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# -- mixed precision --
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_bf16_autocast_step_is_as_close_to_fp32_as_transformers(backend, tmp_path):
+    """Under torch.autocast("cpu", bfloat16): fastbert's loss and gradients are as close to the float32 ones as
+    transformers' under the same autocast (error <= 2x transformers' + 2% of the gradient's max-abs)."""
+    hf, fb = twin("bert", "sequence-classification", backend, tmp_path, hidden=64, heads=4)
+    ids, mask = random_batch("bert", LENGTHS)
+    targets = {"labels": torch.tensor([0, 1, 2, 1])}
+
+    def step(model, autocast: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = run_step(model, "sequence-classification", ids, mask, targets)
+        return loss.item(), hf_grads(model)
+
+    exact_loss, exact = step(hf, False)
+    hf_loss, hf_bf16 = step(hf, True)
+    fb_loss, _ = step(fb, True)
+    got = fastbert_grads_as_hf(fb)
+    assert abs(fb_loss - exact_loss) <= 2 * abs(hf_loss - exact_loss) + 1e-3, (fb_loss, hf_loss, exact_loss)
+    for names, want in exact.items():
+        scale = want.abs().max().item()
+        err = (got[names[0]].float() - want).abs().max().item()
+        hf_err = (hf_bf16[names].float() - want).abs().max().item()
+        assert err <= 2 * hf_err + 0.02 * scale + 1e-6, (names[0], err, hf_err, scale)
+    fb.eval()
+    hf.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = fb(input_ids=ids, attention_mask=mask).logits
+    with torch.no_grad():
+        exact_logits = hf(input_ids=ids, attention_mask=mask).logits
+    assert (logits.float() - exact_logits).abs().max().item() < 5e-2
