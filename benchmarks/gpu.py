@@ -745,6 +745,12 @@ def measure_training(report: Report, plan: Plan, path: str, budget: Budget, fast
         row["x_vs_hf-sdpa"] = sd / fb if fb and sd else None
         ea = _num(row.get("hf-eager_ms"))
         row["x_vs_hf-eager"] = ea / fb if fb and ea else None
+        for role in ("32x128", "varlen"):
+            if plan.roles.get(role) == shape:
+                key, x = f"train_speedup_vs_sdpa_{role}", row["x_vs_hf-sdpa"]
+                met = None if x is None else x >= TARGETS[key]
+                dry = " (dry run: not a measurement)" if plan.dry_run else ""
+                print(f"target {key}: wanted >= {TARGETS[key]}, measured {_f(x, '.2f')}: {met_word(met)}{dry}")
         report.add("train", row)
 
 
