@@ -124,7 +124,7 @@ class KernelSpec:
 
 #: Pointers that do not hold activations, by name suffix: token / position / type ids, the sort order of ids
 #: and the segment offsets into it (the launchers pass them as int64), cu_seqlens (int32, as everywhere in fastbert), the dropout seed (an
-#: int64 tensor), and fp32 workspaces: attention's per-row log-sum-exp and delta, per-program partial sums of
+#: int64 tensor), and fp32 workspaces: attention's per-row softmax statistics, log-sum-exp and delta, per-program partial sums of
 #: the two-stage reductions (``*_partial_ptr``) and fp32 accumulators (``*_acc_ptr``). Every other ``*_ptr`` has
 #: the storage dtype.
 INDEX_POINTERS = {
@@ -133,6 +133,7 @@ INDEX_POINTERS = {
     "offsets_ptr": "*i64",
     "cu_seqlens_ptr": "*i32",
     "seed_ptr": "*i64",
+    "stats_ptr": "*fp32",
     "lse_ptr": "*fp32",
     "delta_ptr": "*fp32",
     "_partial_ptr": "*fp32",

@@ -2,9 +2,11 @@
 
 Forward: the grid is (query blocks, heads, sequences), sized by the host's ``max_seqlen`` so nothing is read
 back from the device; keys stream through with an online softmax. For training it also stores each row's
-log-sum-exp (fp32, base 2) and applies dropout to the probabilities.
+softmax statistics (fp32, base 2: the running max m and the sum l, so log-sum-exp = m + log2(l)) and applies
+dropout to the probabilities. (The log2 is left to the backward: in the forward's epilogue it pushed the fp32
+kernel for sm_90 to 255 registers and spills; in the preprocess it is free.)
 
-Backward (FlashAttention-2): ``delta = rowsum(dO * O)`` per row (a preprocess kernel); dK and dV by one program
+Backward (FlashAttention-2): ``lse = m + log2(l)`` and ``delta = rowsum(dO * O)`` per row (a preprocess kernel); dK and dV by one program
 per key block that loops over the query blocks of its sequence; dQ by a separate program per query block that
 loops over the key blocks (no atomics: deterministic, the only mode). Probabilities are recomputed from the
 stored log-sum-exp; dropout masks are regenerated from the seed. Every program whose block starts past its
@@ -92,7 +94,7 @@ def _dropout_threshold_u32(dropout_threshold):
 def _attention_fwd_kernel(
     qkv_ptr,  # (n_tokens, 3 * NUM_HEADS * HEAD_DIM): [q heads | k heads | v heads], row stride stride_qkv_row
     out_ptr,  # (n_tokens, NUM_HEADS * HEAD_DIM), row stride stride_out_row
-    lse_ptr,  # (n_tokens, NUM_HEADS) fp32 log2-sum-exp2 of the scaled scores (STORE_LSE), else unused
+    stats_ptr,  # (n_tokens, NUM_HEADS, 2) fp32: row max and row sum of exp2 (STORE_STATS), else unused
     cu_seqlens_ptr,  # (batch + 1,) int32
     seed_ptr,  # (1,) int64 dropout seed (HAS_DROPOUT), else unused
     stride_qkv_row,
@@ -107,13 +109,13 @@ def _attention_fwd_kernel(
     BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,  # fp32 inputs: exact fp32 dots instead of tf32
     HAS_DROPOUT: tl.constexpr,
-    STORE_LSE: tl.constexpr,
+    STORE_STATS: tl.constexpr,
 ):
     """One program: BLOCK_M queries of one head of one sequence attend to all keys of that sequence.
 
     Keys stream through in BLOCK_N blocks with a running max and sum (fp32); the output is normalised once.
     Dropout zeroes a probability after the normaliser has counted it, and the kept ones are scaled by
-    1 / (1 - p) at the end. STORE_LSE: the row's log2(sum exp2) for the backward.
+    1 / (1 - p) at the end. STORE_STATS: the row's max and sum of exp2 (base-2 logits) for the backward.
     """
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
@@ -162,16 +164,18 @@ def _attention_fwd_kernel(
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
+    m_ok = offs_m < seqlen
+    rows = start.to(tl.int64) + offs_m  # packed token index of each query
+    if STORE_STATS:
+        stats = stats_ptr + (rows * NUM_HEADS + head) * 2
+        tl.store(stats, m_i, mask=m_ok)
+        tl.store(stats + 1, l_i, mask=m_ok)
     if HAS_DROPOUT:
         acc = acc * (dropout_scale / l_i)[:, None]
     else:
         acc = acc / l_i[:, None]
-    m_ok = offs_m < seqlen
-    rows = start.to(tl.int64) + offs_m  # packed token index of each query
     o_ptrs = out_ptr + rows[:, None] * stride_out_row + head * HEAD_DIM + offs_d[None, :]
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    if STORE_LSE:
-        tl.store(lse_ptr + rows * NUM_HEADS + head, m_i + tl.log2(l_i), mask=m_ok)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -182,6 +186,8 @@ def _attention_fwd_kernel(
 def _attention_bwd_preprocess_kernel(
     out_ptr,  # (n_tokens, NUM_HEADS * HEAD_DIM), row stride stride_out_row
     dout_ptr,  # (n_tokens, NUM_HEADS * HEAD_DIM), row stride stride_dout_row
+    stats_ptr,  # (n_tokens, NUM_HEADS, 2) fp32 from the forward
+    lse_ptr,  # (n_tokens, NUM_HEADS) fp32
     delta_ptr,  # (n_tokens, NUM_HEADS) fp32
     stride_out_row,
     stride_dout_row,
@@ -191,7 +197,7 @@ def _attention_bwd_preprocess_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """One program: delta = rowsum(dO * O) in fp32 for BLOCK_M tokens of one head.
+    """One program: lse = m + log2(l) and delta = rowsum(dO * O) in fp32 for BLOCK_M tokens of one head.
 
     With dropout this is still rowsum(dP * P) of the softmax backward, because O already holds the dropped and
     rescaled probabilities."""
@@ -202,7 +208,12 @@ def _attention_bwd_preprocess_kernel(
     cols = head * HEAD_DIM + offs_d[None, :]
     o = tl.load(out_ptr + rows[:, None] * stride_out_row + cols, mask=mask, other=0.0).to(tl.float32)
     do = tl.load(dout_ptr + rows[:, None] * stride_dout_row + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(delta_ptr + rows * NUM_HEADS + head, tl.sum(o * do, axis=1), mask=rows < n_tokens)
+    row_ok = rows < n_tokens
+    stat = rows * NUM_HEADS + head
+    tl.store(delta_ptr + stat, tl.sum(o * do, axis=1), mask=row_ok)
+    m = tl.load(stats_ptr + stat * 2, mask=row_ok, other=0.0)
+    l_sum = tl.load(stats_ptr + stat * 2 + 1, mask=row_ok, other=1.0)
+    tl.store(lse_ptr + stat, m + tl.log2(l_sum), mask=row_ok)
 
 
 @triton.jit
@@ -210,7 +221,7 @@ def _attention_bwd_dkdv_kernel(
     qkv_ptr,  # (n_tokens, 3 * NUM_HEADS * HEAD_DIM), row stride stride_qkv_row
     dout_ptr,  # (n_tokens, NUM_HEADS * HEAD_DIM), row stride stride_dout_row
     dqkv_ptr,  # (n_tokens, 3 * NUM_HEADS * HEAD_DIM), row stride stride_dqkv_row: dK and dV sections written
-    lse_ptr,  # (n_tokens, NUM_HEADS) fp32, from the forward
+    lse_ptr,  # (n_tokens, NUM_HEADS) fp32, from the preprocess
     delta_ptr,  # (n_tokens, NUM_HEADS) fp32, from the preprocess
     cu_seqlens_ptr,  # (batch + 1,) int32
     seed_ptr,  # (1,) int64 (HAS_DROPOUT), else unused
@@ -400,20 +411,28 @@ def _block_d(head_dim: int) -> int:
     return max(16, next_power_of_2(head_dim))  # tl.dot needs K >= 16
 
 
-def attention_config(head_dim: int, dtype: torch.dtype, max_seqlen: int) -> AttentionConfig:
-    """Forward launch parameters from (head_dim, dtype, max_seqlen) alone.
+def attention_config(head_dim: int, dtype: torch.dtype, max_seqlen: int, dropout: bool = False) -> AttentionConfig:
+    """Forward launch parameters from (head_dim, dtype, max_seqlen, whether dropout is on) alone.
 
     fp16/bf16: 128 queries a program (8 warps) once sequences are longer than 64, else 64 (4 warps) so short
     batches do not waste half of each block; 64 keys a step, 3 pipeline stages (2 at BLOCK_D 128, which keeps
     K/V buffers within sm_80's shared memory). fp32 is the exactness mode: ieee dots run on FMA units and hold
     far more registers, so 64 x 32 tiles over 8 warps (64 x 16 at BLOCK_D 128): the largest that compile without
     spills for sm_80 and sm_90 (4 warps or wider tiles spill, see tests/test_triton_compile.py).
+
+    Dropout (training) hashes a uint32 per score, which needs registers of its own: fp32 takes 32 x 16 tiles over
+    8 warps, and short fp16/bf16 batches at BLOCK_D 128 take 32-key steps (64 x 64 at 4 warps spills on sm_80;
+    all three measured with the compile test).
     """
     block_d = _block_d(head_dim)
     if dtype == torch.float32:
+        if dropout:
+            return AttentionConfig(32, 16, block_d, num_warps=8, num_stages=2)
         return AttentionConfig(64, 32 if block_d <= 64 else 16, block_d, num_warps=8, num_stages=2)
     if max_seqlen > 64:
         return AttentionConfig(128, 64, block_d, num_warps=8, num_stages=2 if block_d >= 128 else 3)
+    if dropout and block_d >= 128:
+        return AttentionConfig(64, 32, block_d, num_warps=4, num_stages=2)
     return AttentionConfig(64, 64, block_d, num_warps=4, num_stages=2 if block_d >= 128 else 3)
 
 
@@ -505,19 +524,18 @@ def attention_fwd(
     scale: float,
     dropout_p: float = 0.0,
     seed: Tensor | None = None,
-    store_lse: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """(out, lse): out (total_tokens, num_heads * head_dim); lse (total_tokens, num_heads) fp32 log2-sum-exp2
-    of the scaled scores when ``store_lse`` (for the backward), else an empty (0,) tensor."""
+    store_stats: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """(out, stats): out (total_tokens, num_heads * head_dim); stats (total_tokens, num_heads, 2) fp32, each
+    row's max and sum of exp2 of the base-2 scores, when ``store_stats`` (for the backward), else None."""
     total, head_dim, max_seqlen = _check_inputs(qkv, cu_seqlens, max_seqlen, num_heads)
     check_dropout(dropout_p, seed, qkv.device)
-    cfg = attention_config(head_dim, qkv.dtype, max_seqlen)
+    cfg = attention_config(head_dim, qkv.dtype, max_seqlen, dropout_p > 0)
     cu_seqlens = cu_seqlens.contiguous()
     batch = cu_seqlens.numel() - 1
-    lse_shape = (total, num_heads) if store_lse else (0,)
-    lse = torch.empty(lse_shape, dtype=torch.float32, device=qkv.device)
+    stats = torch.zeros(total, num_heads, 2, dtype=torch.float32, device=qkv.device) if store_stats else None
     if total == 0 or batch <= 0 or max_seqlen == 0:
-        return qkv.new_zeros(total, num_heads * head_dim), lse.zero_()  # no sequence covers any token
+        return qkv.new_zeros(total, num_heads * head_dim), stats  # no sequence covers any token
     out = qkv.new_empty(total, num_heads * head_dim)
     has_dropout, seed_arg, threshold, dropout_scale = _dropout_args(dropout_p, seed, cu_seqlens)
     qk_scale = float(scale) * math.log2(math.e)
@@ -527,7 +545,7 @@ def attention_fwd(
         _attention_fwd_kernel[(num_m, num_heads, nb)](
             qkv,
             out,
-            lse if store_lse else out,
+            stats if store_stats else out,
             cu_seqlens[b0:],
             seed_arg,
             qkv.stride(0),
@@ -542,18 +560,18 @@ def attention_fwd(
             BLOCK_N=cfg.BLOCK_N,
             IEEE=qkv.dtype == torch.float32,
             HAS_DROPOUT=has_dropout,
-            STORE_LSE=store_lse,
+            STORE_STATS=store_stats,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
-    return out, lse
+    return out, stats
 
 
 def attention_bwd(
     dout: Tensor,
     qkv: Tensor,
     out: Tensor,
-    lse: Tensor,
+    stats: Tensor,
     cu_seqlens: Tensor,
     max_seqlen: int,
     num_heads: int,
@@ -563,7 +581,7 @@ def attention_bwd(
 ) -> Tensor:
     """d(qkv) (total_tokens, 3 * num_heads * head_dim) in the [q | k | v] layout, from dout = d(out).
 
-    ``out`` and ``lse`` are the forward's; an empty ``lse`` (a forward run without it) is recomputed first.
+    ``out`` and ``stats`` are the forward's; empty ``stats`` (a forward run without them) are recomputed first.
     Deterministic: no atomics, every entry written by exactly one program in a fixed order of summation.
     """
     total, head_dim, max_seqlen = _check_inputs(qkv, cu_seqlens, max_seqlen, num_heads)
@@ -576,13 +594,15 @@ def attention_bwd(
         return dqkv
     if batch <= 0 or max_seqlen == 0:
         return dqkv.zero_()
-    if lse.shape != (total, num_heads):
-        out, lse = attention_fwd(qkv, cu_seqlens, max_seqlen, num_heads, scale, dropout_p, seed, store_lse=True)
+    if stats.shape != (total, num_heads, 2):
+        out, stats = attention_fwd(qkv, cu_seqlens, max_seqlen, num_heads, scale, dropout_p, seed, store_stats=True)
     dkdv_cfg, dq_cfg = attention_bwd_config(head_dim, qkv.dtype)
-    delta = torch.empty(total, num_heads, dtype=torch.float32, device=qkv.device)
+    lse, delta = torch.empty(2, total, num_heads, dtype=torch.float32, device=qkv.device)
     _attention_bwd_preprocess_kernel[(triton.cdiv(total, PREPROCESS_BLOCK_M), num_heads)](
         out,
         dout,
+        stats,
+        lse,
         delta,
         out.stride(0),
         dout.stride(0),
@@ -639,47 +659,48 @@ def attention_bwd(
     "fastbert_triton::attention",
     mutates_args=(),
     schema="(Tensor qkv, Tensor cu_seqlens, SymInt max_seqlen, int num_heads, float scale, float dropout_p, "
-    "Tensor? seed, bool store_lse) -> (Tensor, Tensor)",
+    "Tensor? seed, bool store_stats) -> (Tensor, Tensor)",
 )
-def _attention_op(qkv, cu_seqlens, max_seqlen, num_heads, scale, dropout_p, seed, store_lse):
-    return attention_fwd(qkv, cu_seqlens, max_seqlen, num_heads, scale, dropout_p, seed, store_lse)
+def _attention_op(qkv, cu_seqlens, max_seqlen, num_heads, scale, dropout_p, seed, store_stats):
+    out, stats = attention_fwd(qkv, cu_seqlens, max_seqlen, num_heads, scale, dropout_p, seed, store_stats)
+    return out, stats if stats is not None else qkv.new_empty(0, dtype=torch.float32)
 
 
 @_attention_op.register_fake
-def _(qkv, cu_seqlens, max_seqlen, num_heads, scale, dropout_p, seed, store_lse):
+def _(qkv, cu_seqlens, max_seqlen, num_heads, scale, dropout_p, seed, store_stats):
     total, width = qkv.shape
-    lse_shape = (total, num_heads) if store_lse else (0,)
-    return qkv.new_empty(total, width // 3), qkv.new_empty(lse_shape, dtype=torch.float32)
+    stats_shape = (total, num_heads, 2) if store_stats else (0,)
+    return qkv.new_empty(total, width // 3), qkv.new_empty(stats_shape, dtype=torch.float32)
 
 
 @torch.library.custom_op(
     "fastbert_triton::attention_backward",
     mutates_args=(),
-    schema="(Tensor dout, Tensor qkv, Tensor out, Tensor lse, Tensor cu_seqlens, SymInt max_seqlen, "
+    schema="(Tensor dout, Tensor qkv, Tensor out, Tensor stats, Tensor cu_seqlens, SymInt max_seqlen, "
     "int num_heads, float scale, float dropout_p, Tensor? seed) -> Tensor",
 )
-def _attention_backward_op(dout, qkv, out, lse, cu_seqlens, max_seqlen, num_heads, scale, dropout_p, seed):
-    return attention_bwd(dout, qkv, out, lse, cu_seqlens, max_seqlen, num_heads, scale, dropout_p, seed)
+def _attention_backward_op(dout, qkv, out, stats, cu_seqlens, max_seqlen, num_heads, scale, dropout_p, seed):
+    return attention_bwd(dout, qkv, out, stats, cu_seqlens, max_seqlen, num_heads, scale, dropout_p, seed)
 
 
 @_attention_backward_op.register_fake
-def _(dout, qkv, out, lse, cu_seqlens, max_seqlen, num_heads, scale, dropout_p, seed):
+def _(dout, qkv, out, stats, cu_seqlens, max_seqlen, num_heads, scale, dropout_p, seed):
     return torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
 
 def _attention_setup_context(ctx, inputs, output):
     qkv, cu_seqlens, max_seqlen, num_heads, scale, dropout_p, seed, _ = inputs
-    out, lse = output
-    ctx.save_for_backward(qkv, cu_seqlens, out, lse, seed)
+    out, stats = output
+    ctx.save_for_backward(qkv, cu_seqlens, out, stats, seed)
     ctx.args = (max_seqlen, num_heads, scale, dropout_p)
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(stats)
 
 
-def _attention_backward(ctx, dout, _dlse):
-    qkv, cu_seqlens, out, lse, seed = ctx.saved_tensors
+def _attention_backward(ctx, dout, _dstats):
+    qkv, cu_seqlens, out, stats, seed = ctx.saved_tensors
     max_seqlen, num_heads, scale, dropout_p = ctx.args
     dqkv = torch.ops.fastbert_triton.attention_backward(
-        dout, qkv, out, lse, cu_seqlens, max_seqlen, num_heads, scale, dropout_p, seed
+        dout, qkv, out, stats, cu_seqlens, max_seqlen, num_heads, scale, dropout_p, seed
     )
     return dqkv, None, None, None, None, None, None, None
 
@@ -702,8 +723,8 @@ def attention(
     (batch + 1,). max_seqlen: a host int >= the longest sequence (it sizes the grid). Returns (total_tokens,
     num_heads * head_dim). Softmax statistics in fp32. dropout_p > 0: probability (head, query row i, key j) is
     kept when ``reference.dropout_bits(seed, head, i, j) >= floor(p * 2**32)``, then scaled by 1 / (1 - p);
-    seed: int64 tensor of one element on qkv's device. Differentiable in qkv; the log-sum-exp the backward needs
-    is stored only when qkv requires grad (the inference path does no extra work).
+    seed: int64 tensor of one element on qkv's device. Differentiable in qkv; the softmax statistics the backward
+    needs are stored only when qkv requires grad (the inference path does no extra work).
     """
     check_dropout(dropout_p, seed, qkv.device if isinstance(qkv, Tensor) else None)
     if not through_op(qkv):
@@ -729,27 +750,36 @@ def _consts(head_dim: int, dtype: torch.dtype, cfg: AttentionConfig, num_heads: 
     }
 
 
-#: (HAS_DROPOUT, STORE_LSE) of the forward: inference, training without dropout, training with dropout, and
+def _unused_pointers(dtype: torch.dtype, has_dropout: bool, store_stats: bool) -> dict[str, str]:
+    """The types the launchers give pointers a variant does not read (cu_seqlens as the seed, out as stats),
+    so each spec's signature is the one the JIT sees."""
+    types = {} if has_dropout else {"seed_ptr": "*i32"}
+    if not store_stats:
+        types["stats_ptr"] = f"*{TRITON_TYPES[dtype]}"
+    return types
+
+
+#: (HAS_DROPOUT, STORE_STATS) of the forward: inference, training without dropout, training with dropout, and
 #: dropout without a backward (a train-mode model under no_grad).
 FWD_VARIANTS = ((False, False), (False, True), (True, True), (True, False))
 
 
 def aot_specs(num_heads: int = 12) -> list[KernelSpec]:
     """Every (dtype, head_dim, config, variant) the launchers can choose for the BERT-family head dims: the
-    forward's four (dropout, log-sum-exp) variants, and the backward's preprocess, dK/dV and dQ kernels with and
+    forward's four (dropout, statistics) variants, and the backward's preprocess, dK/dV and dQ kernels with and
     without dropout."""
     specs = []
     for dtype in TRITON_TYPES:
         name = dtype_name(dtype)
         for head_dim in HEAD_DIMS:
-            cfgs = {attention_config(head_dim, dtype, s) for s in (1, 64, 65, 512)}
-            for cfg in sorted(cfgs, key=lambda c: c.BLOCK_M):
-                for has_dropout, store_lse in FWD_VARIANTS:
+            for has_dropout, store_stats in FWD_VARIANTS:
+                cfgs = {attention_config(head_dim, dtype, s, has_dropout) for s in (1, 64, 65, 512)}
+                for cfg in sorted(cfgs, key=lambda c: c.BLOCK_M):
                     consts = _consts(head_dim, dtype, cfg, num_heads)
-                    consts.update(HAS_DROPOUT=has_dropout, STORE_LSE=store_lse)
+                    consts.update(HAS_DROPOUT=has_dropout, STORE_STATS=store_stats)
                     label = f"attention-{name}-d{head_dim}-M{cfg.BLOCK_M}N{cfg.BLOCK_N}"
-                    if has_dropout or store_lse:
-                        label += f"-drop{int(has_dropout)}-lse{int(store_lse)}"
+                    if has_dropout or store_stats:
+                        label += f"-drop{int(has_dropout)}-stats{int(store_stats)}"
                     specs.append(
                         kernel_spec(
                             _attention_fwd_kernel,
@@ -758,7 +788,8 @@ def aot_specs(num_heads: int = 12) -> list[KernelSpec]:
                             num_warps=cfg.num_warps,
                             num_stages=cfg.num_stages,
                             label=label,
-                            training=has_dropout or store_lse,
+                            pointer_types=_unused_pointers(dtype, has_dropout, store_stats),
+                            training=has_dropout or store_stats,
                         )
                     )
             dkdv_cfg, dq_cfg = attention_bwd_config(head_dim, dtype)
@@ -789,6 +820,7 @@ def aot_specs(num_heads: int = 12) -> list[KernelSpec]:
                             num_stages=cfg.num_stages,
                             label=f"attention_bwd_{what}-{name}-d{head_dim}-M{cfg.BLOCK_M}N{cfg.BLOCK_N}"
                             f"-drop{int(has_dropout)}",
+                            pointer_types=_unused_pointers(dtype, has_dropout, True),
                             training=True,
                         )
                     )

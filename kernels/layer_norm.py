@@ -37,6 +37,8 @@ MIN_BLOCK = 64
 #: Programs of the backward (each owns a block of rows and writes one row of fp32 partial sums): a few per SM
 #: of the largest GPUs (132 SMs on H100), fixed so that the order of summation never depends on the device.
 BWD_PROGRAMS = 512
+#: Widest row whose backward also accumulates dbias in registers (beyond it: a column sum of dx, see the kernel).
+MAX_DBIAS_BLOCK: tl.constexpr = tl.constexpr(4096)
 #: column_sum tiles: 32 rows x 64 columns a step (8 values a thread at 4 warps).
 SUM_BLOCK_ROWS = 32
 SUM_BLOCK_COLS = 64
@@ -175,13 +177,14 @@ def _add_layer_norm_bwd_kernel(
     BLOCK_SIZE: tl.constexpr,
 ):
     """One program: for each of its n_rows_per_program rows, recompute the sum and its statistics, write
-    dx = d(sum); add dy * xhat, dy (and dx, for the bias) to fp32 partials, written once at the end."""
+    dx = d(sum); add dy * xhat, dy (and dx, for the bias) to fp32 partials, written once at the end.
+
+    Above MAX_DBIAS_BLOCK columns the bias partial is left out (a fourth row-wide accumulator spills there) and
+    the launcher sums dbias from dx instead."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_SIZE)
     mask = cols < n_cols
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     dweight = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
     dln_bias = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
     dbias = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
@@ -189,8 +192,8 @@ def _add_layer_norm_bwd_kernel(
     for i in range(0, tl.minimum(n_rows_per_program, n_rows - row0)):
         row = row0 + i
         x = tl.load(x_ptr + row * stride_x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            x += bias
+        if HAS_BIAS:  # reloaded per row (a cache hit): held across the loop it spills at 8192 columns
+            x += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
             x += tl.load(residual_ptr + row * stride_residual_row + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dout_ptr + row * stride_dout_row + cols, mask=mask, other=0.0).to(tl.float32)
@@ -198,12 +201,12 @@ def _add_layer_norm_bwd_kernel(
         tl.store(dx_ptr + row * stride_dx_row + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         dweight += dy * xhat
         dln_bias += dy
-        if HAS_BIAS:
+        if HAS_BIAS and BLOCK_SIZE <= MAX_DBIAS_BLOCK:
             dbias += dx
     offs = pid.to(tl.int64) * n_cols + cols
     tl.store(dweight_partial_ptr + offs, dweight, mask=mask)
     tl.store(dln_bias_partial_ptr + offs, dln_bias, mask=mask)
-    if HAS_BIAS:
+    if HAS_BIAS and BLOCK_SIZE <= MAX_DBIAS_BLOCK:
         tl.store(dbias_partial_ptr + offs, dbias, mask=mask)
 
 
@@ -322,7 +325,10 @@ def add_layer_norm_bwd(
         num_warps=warps,
         num_stages=1,
     )
-    dbias = column_sum(partial[2], x.dtype) if bias is not None else empty
+    if bias is None:
+        dbias = empty
+    else:
+        dbias = column_sum(partial[2] if block <= MAX_DBIAS_BLOCK.value else dx, x.dtype)
     return dx, column_sum(partial[0], x.dtype), column_sum(partial[1], x.dtype), dbias
 
 

@@ -113,6 +113,14 @@ def test_bias_residual_layernorm_grad(dtype, has_bias):
     compare("bias_residual_layernorm", K.bias_residual_layernorm, R.bias_residual_layernorm, args, diff, dtype)
 
 
+def test_bias_residual_layernorm_grad_wide():
+    """4100 features: a row block above MAX_DBIAS_BLOCK, where dbias is summed from dx instead of in the kernel."""
+    n = 4100
+    args = (rand(3, n, seed=15), rand(n, seed=16), rand(3, n, seed=17), rand(n, seed=18), rand(n, seed=19), 1e-5)
+    compare("bias_residual_layernorm wide", K.bias_residual_layernorm, R.bias_residual_layernorm, args,
+            {0, 1, 2, 3, 4}, torch.float32)  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Embeddings
 
@@ -219,14 +227,14 @@ def test_attention_grad_zero_tokens(lengths):
     compare("attention[0 tokens]", K.attention, R.attention, _attention_args(lengths), {0}, torch.float32)
 
 
-def test_attention_grad_without_stored_lse():
-    """The op run without the log-sum-exp (store_lse=False, as under no_grad) recomputes it in backward."""
+def test_attention_grad_without_stored_stats():
+    """The op run without its softmax statistics (store_stats=False) recomputes them in backward."""
     qkv, cu, max_len, heads, scale, p, seed = _attention_args([7, 20], dropout_p=0.2)
 
     def op(qkv, cu, max_len, heads, scale, p, seed):
         return OPS.attention(qkv, cu, max_len, heads, scale, p, seed, False)[0]
 
-    compare("attention(store_lse=False)", op, R.attention, (qkv, cu, max_len, heads, scale, p, seed), {0},
+    compare("attention(store_stats=False)", op, R.attention, (qkv, cu, max_len, heads, scale, p, seed), {0},
             torch.float32)  # fmt: skip
 
 
@@ -353,7 +361,7 @@ def _opcheck_cases():
     word, position, types, g, beta = (t.to(f) for t in (word, position, types, g, beta))
     qkv, cu, max_len, heads, scale, p, seed = _attention_args([3, 0, 4], head_dim=16, dropout_p=0.2)
     qkv = qkv.to(f)
-    out, lse = OPS.attention(qkv, cu, max_len, heads, scale, p, seed, True)
+    out, stats = OPS.attention(qkv, cu, max_len, heads, scale, p, seed, True)
     lin_x, lin_w = rand(3, 16, seed=63).to(f), rand(37, 16, seed=64).to(f)
     return {
         "bias_activation": (OPS.bias_activation, (x, v, "gelu")),
@@ -368,7 +376,7 @@ def _opcheck_cases():
         "attention": (OPS.attention, (qkv, cu, max_len, heads, scale, p, seed, True)),
         "attention_backward": (
             OPS.attention_backward,
-            (rand(*out.shape, seed=66).to(f), qkv, out, lse, cu, max_len, heads, scale, p, seed),
+            (rand(*out.shape, seed=66).to(f), qkv, out, stats, cu, max_len, heads, scale, p, seed),
         ),
         "linear_activation": (OPS.linear_activation, (lin_x, lin_w, v, "gelu", True)),
         "linear_residual_layernorm": (OPS.linear_residual_layernorm, (lin_x, lin_w, v, res, v, v, 1e-5, True)),

@@ -276,20 +276,21 @@ def test_every_launch_config_is_compiled_ahead_of_time():
 
     fwd = configs(attention_mod._attention_fwd_kernel)
     dkdv, dq = configs(attention_mod._attention_bwd_dkdv_kernel), configs(attention_mod._attention_bwd_dq_kernel)
-    fwd_variants = {(s.constexprs["HEAD_DIM"], s.constexprs["HAS_DROPOUT"], s.constexprs["STORE_LSE"])
+    fwd_variants = {(s.constexprs["HEAD_DIM"], s.constexprs["HAS_DROPOUT"], s.constexprs["STORE_STATS"])
                     for s in specs if s.fn is attention_mod._attention_fwd_kernel}  # fmt: skip
     types = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
     for dtype, ty in types.items():
         for head_dim in range(1, attention_mod.MAX_HEAD_DIM + 1):
             for max_seqlen in (1, 64, 65, 100000):
-                c = attention_mod.attention_config(head_dim, dtype, max_seqlen)
-                assert (c.BLOCK_D, c.BLOCK_M, c.BLOCK_N, c.num_warps, c.num_stages, ty) in fwd, (dtype, head_dim)
+                for dropout in (False, True):
+                    c = attention_mod.attention_config(head_dim, dtype, max_seqlen, dropout)
+                    assert (c.BLOCK_D, c.BLOCK_M, c.BLOCK_N, c.num_warps, c.num_stages, ty) in fwd, (dtype, head_dim)
             c_kv, c_q = attention_mod.attention_bwd_config(head_dim, dtype)
             assert (c_kv.BLOCK_D, c_kv.BLOCK_M, c_kv.BLOCK_N, c_kv.num_warps, c_kv.num_stages, ty) in dkdv
             assert (c_q.BLOCK_D, c_q.BLOCK_M, c_q.BLOCK_N, c_q.num_warps, c_q.num_stages, ty) in dq
     for head_dim in attention_mod.HEAD_DIMS:
-        for has_dropout, store_lse in attention_mod.FWD_VARIANTS:
-            assert (head_dim, has_dropout, store_lse) in fwd_variants
+        for has_dropout, store_stats in attention_mod.FWD_VARIANTS:
+            assert (head_dim, has_dropout, store_stats) in fwd_variants
     for module, config in ((layer_norm_mod, layer_norm_mod.layer_norm_config),
                            (embeddings_mod, embeddings_mod.embeddings_config)):  # fmt: skip
         blocks = {}
