@@ -509,45 +509,85 @@ static inline float dot16(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-// One row of LayerNorm backward. In: h = the pre-norm row, g = dL/dy (both fp32, n). Out: h = dL/dh;
-// dgamma += g * xhat, dbeta += g. dL/dh = rstd * (g' - mean(g') - xhat * mean(g' * xhat)), g' = g * gamma.
-// The moments are computed exactly as layernorm_store does, so xhat is the forward's.
-static inline void layernorm_backward_row(float* h, float* g, int64_t n, const float* gamma, float eps,
-                                          float* dgamma, float* dbeta) {
+// One row of LayerNorm backward: dx = dL/dh = rstd * (g' - mean(g') - xhat * mean(g' * xhat)), g' = g * gamma,
+// from h = the pre-norm row and g = dL/dy (fp32, n); adds g * xhat to dgamma and g to dbeta. The moments are
+// computed exactly as layernorm_store does, so xhat is the forward's. Two passes over the row; no copies.
+static inline void layernorm_backward_row(const float* __restrict h, const float* __restrict g, int64_t n,
+                                          const float* __restrict gamma, float eps, float* __restrict dgamma,
+                                          float* __restrict dbeta, float* __restrict dx) {
   const float mean = sum16(h, n) / static_cast<float>(n);
   const float var = sumsq_centered16(h, n, mean) / static_cast<float>(n);
   const float rstd = 1.0f / __builtin_sqrtf(var + eps);
-  for (int64_t i = 0; i < n; ++i) {
-    const float xhat = (h[i] - mean) * rstd;
-    dgamma[i] += g[i] * xhat;
-    dbeta[i] += g[i];
-    h[i] = xhat;
-    g[i] *= gamma[i];
+  float sg[16] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  float sgx[16] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int k = 0; k < 16; ++k) {
+      const float xhat = (h[i + k] - mean) * rstd, gi = g[i + k], gg = gi * gamma[i + k];
+      dgamma[i + k] += gi * xhat;
+      dbeta[i + k] += gi;
+      sg[k] += gg;
+      sgx[k] += gg * xhat;
+    }
+  for (; i < n; ++i) {
+    const float xhat = (h[i] - mean) * rstd, gi = g[i], gg = gi * gamma[i];
+    dgamma[i] += gi * xhat;
+    dbeta[i] += gi;
+    sg[i & 15] += gg;
+    sgx[i & 15] += gg * xhat;
   }
-  const float mg = sum16(g, n) / static_cast<float>(n);
-  const float mgx = dot16(g, h, n) / static_cast<float>(n);
-  for (int64_t i = 0; i < n; ++i) h[i] = rstd * (g[i] - mg - h[i] * mgx);
+  float tg = 0.f, tgx = 0.f;
+  for (int k = 0; k < 16; ++k) {
+    tg += sg[k];
+    tgx += sgx[k];
+  }
+  const float mg = tg / static_cast<float>(n), mgx = tgx / static_cast<float>(n);
+  for (i = 0; i < n; ++i) dx[i] = rstd * (g[i] * gamma[i] - mg - (h[i] - mean) * rstd * mgx);
 }
 
+// float32 storage is read and written in place (no row copies: GCC turns copy loops into memcpy calls, which
+// cost as much as the arithmetic here); bfloat16 rows go through fp32 buffers.
 static void layernorm_backward(int64_t r0, int64_t r1, int64_t n, const void* x, int64_t sx, const void* res,
                                int64_t sr, const float* bias, const float* gamma, float eps, const void* dy,
                                int64_t sdy, void* dx, int64_t sdx, float* dgamma, float* dbeta, float* dsum,
                                bool bf16) {
-  float* h = alloc_floats(n);
-  float* g = alloc_floats(n);
+  float* hb = alloc_floats(n);
+  float* gb = alloc_floats(n);
+  float* db = alloc_floats(n);
   for (int64_t r = r0; r < r1; ++r) {
-    load_row(elem(x, r * sx, bf16), n, bf16, h);
-    if (bias != nullptr)
-      for (int64_t i = 0; i < n; ++i) h[i] += bias[i];
-    if (res != nullptr) add_row(elem(res, r * sr, bf16), n, bf16, h);
-    load_row(elem(dy, r * sdy, bf16), n, bf16, g);
-    layernorm_backward_row(h, g, n, gamma, eps, dgamma, dbeta);
+    const float* h = hb;
+    if (bf16) {
+      load_row(elem(x, r * sx, true), n, true, hb);
+      if (bias != nullptr)
+        for (int64_t i = 0; i < n; ++i) hb[i] += bias[i];
+      if (res != nullptr) add_row(elem(res, r * sr, true), n, true, hb);
+    } else {
+      const float* xs = static_cast<const float*>(x) + r * sx;
+      const float* rs = res != nullptr ? static_cast<const float*>(res) + r * sr : nullptr;
+      if (rs != nullptr && bias != nullptr) {
+        for (int64_t i = 0; i < n; ++i) hb[i] = (xs[i] + bias[i]) + rs[i];  // the forward's order
+      } else if (rs != nullptr) {
+        for (int64_t i = 0; i < n; ++i) hb[i] = xs[i] + rs[i];
+      } else if (bias != nullptr) {
+        for (int64_t i = 0; i < n; ++i) hb[i] = xs[i] + bias[i];
+      } else {
+        h = xs;
+      }
+    }
+    const float* g = gb;
+    if (bf16)
+      load_row(elem(dy, r * sdy, true), n, true, gb);
+    else
+      g = static_cast<const float*>(dy) + r * sdy;
+    float* d = !bf16 && dx != nullptr ? static_cast<float*>(dx) + r * sdx : db;
+    layernorm_backward_row(h, g, n, gamma, eps, dgamma, dbeta, d);
     if (dsum != nullptr)
-      for (int64_t i = 0; i < n; ++i) dsum[i] += h[i];
-    if (dx != nullptr) store_row(h, n, bf16, elem(dx, r * sdx, bf16));
+      for (int64_t i = 0; i < n; ++i) dsum[i] += d[i];
+    if (bf16 && dx != nullptr) store_row(db, n, true, elem(dx, r * sdx, true));
   }
-  free(h);
-  free(g);
+  free(hb);
+  free(gb);
+  free(db);
 }
 
 // d act(v) / dv, the derivative of activate() (same polynomial exp / erf / tanh, so it vectorizes too).
@@ -615,16 +655,33 @@ static void embeddings_backward(int64_t t0, int64_t t1, int64_t e, const int64_t
                                 const int64_t* tt_ids, const void* word, int64_t sw, const void* pos, int64_t sp,
                                 const void* type, int64_t st, const float* gamma, float eps, const void* dy,
                                 int64_t sdy, float* dh, float* dgamma, float* dbeta, bool bf16) {
-  float* g = alloc_floats(e);
+  float* hb = alloc_floats(e);
+  float* gb = alloc_floats(e);
   for (int64_t t = t0; t < t1; ++t) {
-    float* h = dh + t * e;
-    load_row(elem(word, ids[t] * sw, bf16), e, bf16, h);
-    add_row(elem(pos, pos_ids[t] * sp, bf16), e, bf16, h);
-    if (type != nullptr) add_row(elem(type, (tt_ids != nullptr ? tt_ids[t] : 0) * st, bf16), e, bf16, h);
-    load_row(elem(dy, t * sdy, bf16), e, bf16, g);
-    layernorm_backward_row(h, g, e, gamma, eps, dgamma, dbeta);
+    const void* tr = type != nullptr ? elem(type, (tt_ids != nullptr ? tt_ids[t] : 0) * st, bf16) : nullptr;
+    if (bf16) {
+      load_row(elem(word, ids[t] * sw, true), e, true, hb);
+      add_row(elem(pos, pos_ids[t] * sp, true), e, true, hb);
+      if (tr != nullptr) add_row(tr, e, true, hb);
+    } else {  // (word + pos) + type, the forward's order, with no row copy
+      const float* w = static_cast<const float*>(word) + ids[t] * sw;
+      const float* p = static_cast<const float*>(pos) + pos_ids[t] * sp;
+      if (tr != nullptr) {
+        const float* y = static_cast<const float*>(tr);
+        for (int64_t i = 0; i < e; ++i) hb[i] = (w[i] + p[i]) + y[i];
+      } else {
+        for (int64_t i = 0; i < e; ++i) hb[i] = w[i] + p[i];
+      }
+    }
+    const float* g = gb;
+    if (bf16)
+      load_row(elem(dy, t * sdy, true), e, true, gb);
+    else
+      g = static_cast<const float*>(dy) + t * sdy;
+    layernorm_backward_row(hb, g, e, gamma, eps, dgamma, dbeta, dh + t * e);
   }
-  free(g);
+  free(hb);
+  free(gb);
 }
 
 static void gather_sum_rows(int64_t r0, int64_t r1, int64_t e, const int64_t* offsets, const int64_t* tokens,
