@@ -300,8 +300,8 @@ static void gemm_tiles(int m, int ncols, int n, const float* a, int64_t ai, int6
 // fp32 (len x Dp, Dp = D rounded up to 16, zero columns) block (a V row sits 3 * hidden elements from the next one
 // in qkv: the copy keeps the PV loop in L1/L2 instead of striding across megabytes). Queries go in blocks of up to
 // 8 rows (pre-scaled): each kt and V load then feeds several rows' FMAs (the AVX-512 micro-kernels, or the
-// register-tiled gemm_tiles elsewhere), so the loops are FMA-bound rather than load-bound. Scores in fp32, softmax in fp32
-// over exactly `len` keys, output normalised by 1/sum at the end. Tokens of other sequences are never read.
+// register-tiled gemm_tiles elsewhere), so the loops are FMA-bound rather than load-bound. Scores in fp32, softmax
+// in fp32 over exactly `len` keys, output normalised by 1/sum at the end. Tokens of other sequences are never read.
 // ---------------------------------------------------------------------------------------------------------
 
 // Rows 0..R (<= kQRows) of one (sequence, head): S = q K^T and O = P V as register-tiled GEMMs (gemm_tiles), the
@@ -493,7 +493,7 @@ static void attention(const AttnArgs& a, const AttnTask* tasks, int64_t n) {
 // ---------------------------------------------------------------------------------------------------------
 // Backward kernels (training). Recompute what the forward computed from the saved inputs (the LayerNorm
 // moments, the pre-activation, the attention probabilities from q, k and the saved log-sum-exp) rather than
-// saving it: one more pass over a row already in cache costs less than writing and reading a saved tensor.
+// saving it: the forward (inference included) writes nothing extra, and backward reads the inputs once more.
 // Reductions over rows (dgamma, dbeta, dbias) go into per-chunk partial sums the caller adds up in a fixed
 // order, so the results do not depend on the number of threads.
 // ---------------------------------------------------------------------------------------------------------
@@ -545,8 +545,8 @@ static inline void layernorm_backward_row(const float* __restrict h, const float
   for (i = 0; i < n; ++i) dx[i] = rstd * (g[i] * gamma[i] - mg - (h[i] - mean) * rstd * mgx);
 }
 
-// float32 storage is read and written in place (no row copies: GCC turns copy loops into memcpy calls, which
-// cost as much as the arithmetic here); bfloat16 rows go through fp32 buffers.
+// float32 rows are read and written where they live (no copies through buffers); bfloat16 rows go through fp32
+// buffers.
 static void layernorm_backward(int64_t r0, int64_t r1, int64_t n, const void* x, int64_t sx, const void* res,
                                int64_t sr, const float* bias, const float* gamma, float eps, const void* dy,
                                int64_t sdy, void* dx, int64_t sdx, float* dgamma, float* dbeta, float* dsum,
