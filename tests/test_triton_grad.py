@@ -345,6 +345,28 @@ def test_inference_path_matches_the_training_path():
         assert torch.equal(inference, training.detach()), name
 
 
+def test_torch_compile_traces_forward_and_backward():
+    """A block of the encoder through torch.compile(fullgraph=True): the custom ops are graph nodes, forward and
+    backward; outputs and gradients equal eager's bitwise. (aot_eager: inductor is not needed to trace.)"""
+    qkv, cu, max_len, heads, scale, p, seed = _attention_args([4, 0, 5], dropout_p=0.1)
+    w, b = rand(32, 32, seed=57).float(), rand(32, seed=58).float()
+    g, beta = rand(32, seed=59).float(), rand(32, seed=60).float()
+
+    def block(qkv, w, b, g, beta):
+        ctx = K.attention(qkv, cu, max_len, heads, scale, p, seed)
+        return K.linear_residual_layernorm(K.linear(ctx, w, b, "gelu"), w, b, ctx, g, beta, 1e-5)
+
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (block, compiled):
+        leaves = [t.detach().float().requires_grad_() for t in (qkv, w, b, g, beta)]
+        out = fn(*leaves)
+        out.pow(2).sum().backward()
+        results.append([out.detach()] + [leaf.grad for leaf in leaves])
+    for eager, traced in zip(*results, strict=True):
+        assert torch.equal(eager, traced)
+
+
 def test_double_backward_raises():
     x = rand(4, 37, seed=47).float().requires_grad_()
     w, b = rand(37, seed=48).float(), rand(37, seed=49).float()
