@@ -11,6 +11,8 @@ needed, not compiling) calls the launchers directly. Double backward is not supp
 """
 
 UNAVAILABLE_REASON: str | None = None
+#: Every op has registered gradients; ``fastbert.ops.Backend.trains`` reads this.
+DIFFERENTIABLE = False
 
 try:
     import triton  # noqa: F401
@@ -23,6 +25,7 @@ else:
     from .layer_norm import add_layernorm, bias_residual_layernorm
     from .linear import linear, linear_residual_layernorm, prepack_linear
 
+    DIFFERENTIABLE = True
     __all__ = [
         "add_layernorm",
         "attention",
