@@ -14,6 +14,7 @@ backend once, when it is built (``resolve_backend``), and calls the returned ``B
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import os
@@ -115,10 +116,37 @@ class BackendUnavailable(RuntimeError):
     """A backend was asked for explicitly but cannot run here; the message says why."""
 
 
+#: Mixed precision (torch.autocast) for a backend whose ops do not register it themselves (triton): GEMMs and
+#: attention compute in the autocast dtype, embeddings and LayerNorms in float32 (the residual stream stays float32,
+#: as in transformers under autocast). The cpp backend registers the same rule with torch.library.register_autocast.
+_AUTOCAST_LOW = ("linear", "bias_activation", "attention")
+_AUTOCAST_FLOAT32 = ("embeddings", "add_layernorm", "bias_residual_layernorm", "linear_residual_layernorm")
+
+
+def _autocasting(fn, low_precision: bool):
+    """``fn`` with autocast's casts applied to its floating-point tensor arguments when autocast is on."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        device = next(a.device.type for a in args if isinstance(a, Tensor))
+        if not torch.is_autocast_enabled(device):
+            return fn(*args, **kwargs)
+        dtype = torch.get_autocast_dtype(device) if low_precision else torch.float32
+
+        def cast(a):
+            return a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() else a
+
+        with torch.autocast(device, enabled=False):
+            return fn(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
+
+    return run
+
+
 class Backend(BackendOps):
     """The fused ops of one backend, looked up once: ``backend.linear(...)``, ``backend.attention(...)``.
 
-    Each op in ``OPS`` is the backend module's function itself, set on the instance (no wrapper per call).
+    Each op in ``OPS`` is the backend module's function itself, set on the instance (no wrapper per call), except
+    the triton backend's, which apply autocast's casts themselves (``_autocasting``: one check per call).
     """
 
     def __init__(self, name: str, module: ModuleType):
@@ -130,6 +158,8 @@ class Backend(BackendOps):
             fn = getattr(module, op, None)
             if fn is None:
                 raise BackendUnavailable(f"backend {name!r} ({module.__name__}) does not implement op {op!r}")
+            if name == "triton" and op in _AUTOCAST_LOW + _AUTOCAST_FLOAT32:
+                fn = _autocasting(fn, low_precision=op in _AUTOCAST_LOW)
             setattr(self, op, fn)
 
     def __repr__(self) -> str:
