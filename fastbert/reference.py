@@ -183,6 +183,8 @@ def check_dropout(dropout_p: float, seed: Tensor | None) -> None:
         raise ValueError(
             f"attention seed must be an int64 tensor of one element, got {seed.dtype} of shape {tuple(seed.shape)}"
         )
+    if seed is not None and seed.device.type == "cpu" and not tracing() and not 0 <= int(seed) < 2**32:
+        raise ValueError(f"attention seed must be in [0, 2**32), got {int(seed)}")  # (a device seed is not read)
 
 
 def attention(
