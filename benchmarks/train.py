@@ -217,7 +217,8 @@ def write_markdown(path: str, result: dict) -> None:
     lines = [
         "# Fine-tuning step on the CPU: fastbert vs transformers",
         "",
-        f"{result['what']}. Machine: {e['device_name']}, {e['threads']} threads; torch {e.get('torch')}, "
+        f"{result['what']}. Machine: {e['device_name']}, {e['threads']} threads; torch {e['versions'].get('torch')}, "
+        f"transformers {e['versions'].get('transformers')}, "
         f"git {e.get('git_sha')}{' (dirty)' if e.get('git_dirty') else ''}. Load average before "
         f"{result['load_before']}, after {result['load_after']}; {result['wall_s'] / 60:.1f} min.",
         "",
