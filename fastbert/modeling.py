@@ -316,6 +316,7 @@ class AutoModel(PreTrainedMixin, nn.Module):
         ``torch.utils.checkpoint.checkpoint`` (``use_reentrant`` defaults to False).
         """
         self._checkpoint_kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        self._checkpoint_every = 1
         self.gradient_checkpointing = True
 
     def gradient_checkpointing_disable(self) -> None:
@@ -324,6 +325,21 @@ class AutoModel(PreTrainedMixin, nn.Module):
     @property
     def is_gradient_checkpointing(self) -> bool:
         return self.gradient_checkpointing
+
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
+        """transformers 5.2x's name and arguments (what its Trainer calls): recompute every ``every_n_layers``-th
+        layer in backward. ``offload=True`` (activations to the CPU) is not supported and raises."""
+        if offload:
+            raise NotImplementedError("activation_checkpointing_enable(offload=True) is not supported by fastbert")
+        if not isinstance(every_n_layers, int) or every_n_layers < 1:
+            raise ValueError(f"every_n_layers must be an integer >= 1, got {every_n_layers!r}")
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs)
+        self._checkpoint_every = every_n_layers
+
+    activation_checkpointing_disable = gradient_checkpointing_disable
+    is_activation_checkpointing = is_gradient_checkpointing
 
     def uses_pooler(self) -> bool:
         """Whether this model builds the pooler when its family has one (a head may not need it)."""
@@ -380,8 +396,8 @@ class AutoModel(PreTrainedMixin, nn.Module):
         if hidden_states is not None:
             hidden_states.append(x)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for layer in self.layers:
-            if recompute:
+        for i, layer in enumerate(self.layers):
+            if recompute and i % self._checkpoint_every == 0:
                 x = checkpoint(layer, x, batch.cu_seqlens, max_seqlen, ops, **self._checkpoint_kwargs)
             else:
                 x = layer(x, batch.cu_seqlens, max_seqlen, ops)

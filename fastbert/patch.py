@@ -133,7 +133,13 @@ def _fast_forward(self, *args, **kwargs):
     if enc.training != self.training:  # model.train() / eval() on the transformers object (Trainer calls them)
         enc.train(self.training)  # dropout as the transformers model applies it; refused where ops can't train
     # gradient_checkpointing_enable() on the transformers model marks its encoder modules; follow it.
-    enc.gradient_checkpointing = bool(getattr(self, "is_gradient_checkpointing", False))
+    # (transformers 5.2x names the property is_activation_checkpointing and deprecates the older name)
+    flag = (
+        "is_activation_checkpointing"
+        if hasattr(type(self), "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
+    )
+    enc.gradient_checkpointing = bool(getattr(self, flag, False))
     if enc.gradient_checkpointing and not hasattr(enc, "_checkpoint_kwargs"):
         enc.gradient_checkpointing_enable()
     return enc(*args, **kwargs)

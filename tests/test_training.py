@@ -408,7 +408,11 @@ def test_trainer_end_to_end(backend, tmp_path):
     hf = make_hf_model("bert", "sequence-classification", hidden=32, heads=4, layers=2, num_labels=2, vocab=40)
     hf.save_pretrained(tmp_path / "init")
     model = fastbert.AutoModelForSequenceClassification.from_pretrained(tmp_path / "init", backend=backend)
+    # Trainer calls the model's activation (older: gradient) checkpointing method; transformers 5.2x renamed it.
+    fields = transformers.TrainingArguments.__dataclass_fields__
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     args = transformers.TrainingArguments(
+        **{checkpointing: True},
         output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=16,
         gradient_accumulation_steps=2,
