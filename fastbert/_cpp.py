@@ -394,7 +394,7 @@ if UNAVAILABLE_REASON is None:
         log-sum-exp, so backward recomputes the probabilities without a second forward. The dropout arguments
         are checked as ``reference.check_dropout`` does (ValueError).
         """
-        reference.check_dropout(dropout_p, seed)
+        reference.check_dropout(dropout_p, seed, qkv.device)
         if torch.compiler.is_compiling() or torch.compiler.is_exporting():
             max_seqlen = 0
         if torch.is_grad_enabled() and qkv.requires_grad:

@@ -174,15 +174,19 @@ def dropout_bits(seed: int | Tensor, head: Tensor, row: Tensor, col: Tensor) -> 
     return _fmix32((x + col.long()) & _U32)
 
 
-def check_dropout(dropout_p: float, seed: Tensor | None) -> None:
-    """Attention dropout arguments: p in [0, 1); a seed (int64 tensor of one element) when p > 0."""
+def check_dropout(dropout_p: float, seed: Tensor | None, device: torch.device | None = None) -> None:
+    """Attention dropout arguments, for every backend: p in [0, 1); a seed (int64 tensor of one element in
+    [0, 2**32), on ``device`` when given) when p > 0."""
     dropout_threshold(dropout_p)
     if dropout_p > 0 and seed is None:
         raise ValueError(f"attention dropout_p = {dropout_p} needs a seed (an int64 tensor of one element)")
-    if seed is not None and (seed.numel() != 1 or seed.dtype != torch.int64):
+    if seed is not None and (not isinstance(seed, Tensor) or seed.numel() != 1 or seed.dtype != torch.int64):
         raise ValueError(
-            f"attention seed must be an int64 tensor of one element, got {seed.dtype} of shape {tuple(seed.shape)}"
+            "attention seed must be an int64 tensor of one element, got "
+            f"{getattr(seed, 'dtype', type(seed).__name__)} of shape {tuple(getattr(seed, 'shape', ()))}"
         )
+    if seed is not None and device is not None and seed.device != device:
+        raise ValueError(f"attention seed is on {seed.device} but qkv is on {device}")
     if seed is not None and seed.device.type == "cpu" and not tracing() and not 0 <= int(seed) < 2**32:
         raise ValueError(f"attention seed must be in [0, 2**32), got {int(seed)}")  # (a device seed is not read)
 
@@ -207,7 +211,7 @@ def attention(
     1 / (1 - dropout_p); the softmax normaliser counts every key. seed: int64 tensor of one element in
     [0, 2**32), on qkv's device.
     """
-    check_dropout(dropout_p, seed)
+    check_dropout(dropout_p, seed, qkv.device)
     total = qkv.shape[0]
     hidden = qkv.shape[1] // 3
     head_dim = hidden // num_heads

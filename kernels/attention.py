@@ -26,6 +26,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastbert.reference import check_dropout, dropout_threshold  # the one definition of the dropout rule
+
 from ._common import (
     TRITON_TYPES,
     KernelSpec,
@@ -484,29 +486,6 @@ def _check_inputs(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, num_heads: i
     if max_seqlen < 0:
         raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
     return total, width // (3 * num_heads), max_seqlen
-
-
-def dropout_threshold(p: float) -> int:
-    """floor(p * 2**32) in float64, as ``fastbert.reference.dropout_threshold``: a probability is kept when its
-    uint32 bits are >= it."""
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"attention dropout_p must be in [0, 1), got {p}")
-    return int(p * 4294967296.0)
-
-
-def check_dropout(dropout_p: float, seed: Tensor | None, device: torch.device | None = None) -> None:
-    """p in [0, 1); a seed (int64 tensor of one element, on the activations' device) when p > 0."""
-    dropout_threshold(dropout_p)
-    if dropout_p > 0 and seed is None:
-        raise ValueError(f"attention dropout_p = {dropout_p} needs a seed (an int64 tensor of one element)")
-    if seed is not None:
-        if not isinstance(seed, Tensor) or seed.numel() != 1 or seed.dtype != torch.int64:
-            raise ValueError(
-                f"attention seed must be an int64 tensor of one element, got "
-                f"{getattr(seed, 'dtype', type(seed).__name__)} of shape {tuple(getattr(seed, 'shape', ()))}"
-            )
-        if device is not None and seed.device != device:
-            raise ValueError(f"attention seed is on {seed.device} but qkv is on {device}")
 
 
 def _dropout_args(dropout_p: float, seed: Tensor | None, fallback: Tensor) -> tuple[bool, Tensor, int, float]:

@@ -238,7 +238,7 @@ def test_attention_grad_without_stored_stats():
             torch.float32)  # fmt: skip
 
 
-@pytest.mark.parametrize("seed,dropout_p", [(0, 0.1), (2**31 + 5, 0.6), (2**40 + 3, 0.5)])
+@pytest.mark.parametrize("seed,dropout_p", [(0, 0.1), (2**31 + 5, 0.6), (2**32 - 1, 0.5)])
 def test_attention_dropout_bits_match_reference(seed, dropout_p):
     """The kernel keeps exactly the entries reference.dropout_bits keeps: with q = k = 0 every probability is
     1 / len, and with v_j the one-hot vector e_j the output row i is row i of the dropped probabilities."""
@@ -419,3 +419,12 @@ def test_opcheck(name):
         for a in args
     )
     torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**40 + 3])
+def test_attention_seed_outside_uint32_is_refused(seed):
+    """Seeds are uint32 on every backend (reference.check_dropout): a wider one raises instead of being truncated."""
+    qkv = torch.randn(4, 3 * 2 * 16, device=DEVICE)
+    cu = torch.tensor([0, 4], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="seed must be in"):
+        K.attention(qkv, cu, 4, 2, 0.25, 0.1, torch.tensor([seed], dtype=torch.int64, device=DEVICE))
