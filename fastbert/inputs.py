@@ -396,6 +396,10 @@ def prepare(
         return padding.gather(t.to(device).contiguous(), packing) if t is not None else None
 
     flat_cu = None
+    if attention_mask is not None and packed_cu_seqlens is not None:
+        raise ValueError(
+            "pass either attention_mask (padded rows) or cu_seq_lens_q (sequences packed into rows), not both"
+        )
     if attention_mask is None and packed_cu_seqlens is not None:
         flat_cu = packed_cu_seqlens.to(device)
     elif attention_mask is None and position_ids is not None and seqlen > 1:

@@ -581,3 +581,11 @@ def test_autocast_step_is_as_close_to_fp32_as_transformers(backend, dtype, tmp_p
     with torch.no_grad():
         exact_logits = hf(input_ids=ids, attention_mask=mask).logits
     assert (logits.float() - exact_logits).abs().max().item() < 5e-2
+
+
+def test_packed_offsets_and_a_mask_together_are_refused():
+    model = fastbert.AutoModel(hf_config("bert", hidden=32, heads=4), backend="torch")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    cu = torch.tensor([0, 2, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match="not both"):
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), cu_seq_lens_q=cu)
