@@ -73,7 +73,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--sizes", type=_csv, default=None, help="comma-separated BATCHxSEQ (8x128) or varlen BATCHxMIN-MAX (32x8-128)"
     )
     parser.add_argument(
-        "--dtype", type=_csv, default=None, help="comma-separated fp32, bf16, fp16 (default: fp32 on CPU, fp16 on CUDA)"
+        "--dtype",
+        type=_csv,
+        default=None,
+        help="comma-separated fp32, bf16, fp16, int8 (default: fp32 on CPU, fp16 on CUDA). int8 (CPU only): fastbert "
+        "loads with quantize='int8', onnxruntime-int8 runs ONNX Runtime's dynamic int8, every other system runs fp32 "
+        "as the baseline; the report's precision column says which",
     )
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for every system (default: all cores)")
@@ -95,6 +100,9 @@ def run_bench(args: argparse.Namespace) -> int:
     for d in dtypes:
         if d not in DTYPES:
             print(f"fastbert bench: unknown dtype {d!r}; choose from {', '.join(DTYPES)}", file=sys.stderr)
+            return 2
+        if d == "int8" and device.type != "cpu":
+            print("fastbert bench: --dtype int8 runs on CPU only (use --device cpu)", file=sys.stderr)
             return 2
         if d == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             print(f"fastbert bench: {torch.cuda.get_device_name(device)} has no bf16 support", file=sys.stderr)

@@ -1,5 +1,7 @@
 """The ``fastbert bench`` report: the run over models, dtypes, sizes and systems, and its text, markdown and
-plot writers. The report is one JSON-able dict: ``{"schema", "meta", "results", "skipped"}``."""
+plot writers. The report is one JSON-able dict: ``{"schema", "meta", "results", "skipped"}``. Each result row
+says what its system computed in (``precision``): the dtype of its panel, except in int8 panels, where systems
+without an int8 mode run fp32 as the baseline."""
 
 from __future__ import annotations
 
@@ -66,6 +68,7 @@ def run_report(
               file=sys.stderr)  # fmt: skip
     started = datetime.now(timezone.utc)
     rows: list[Row] = []
+    precisions: dict[tuple[str, str, str], str] = {}  # (model, dtype, system) -> what the system computed in
     with tempfile.TemporaryDirectory(prefix="fastbert-bench-") as tmp, _hf_progress_bars_off():
         workdir = workdir or tmp
         bench_models = [load_bench_model(m, workdir) for m in models]
@@ -91,6 +94,7 @@ def run_report(
                         try:
                             system.prepare(model, dtype, device, threads, workdir)
                             prepared[name] = system
+                            precisions[(model.label, dtype_name, name)] = system.precision(dtype)
                             continue
                         except Exception as exc:
                             reason = f"failed to load: {type(exc).__name__}: {exc}"
@@ -147,7 +151,8 @@ def run_report(
             "seed": seed,
         }
     )
-    return {"schema": SCHEMA, "meta": meta, "results": [asdict(r) for r in rows], "skipped": skipped}
+    results = [{**asdict(r), "precision": precisions[(r.model, r.dtype, r.system)]} for r in rows]
+    return {"schema": SCHEMA, "meta": meta, "results": results, "skipped": skipped}
 
 
 def _references(
@@ -182,19 +187,34 @@ def _fmt_err(x: float) -> str:
     return "NaN" if math.isnan(x) else f"{x:.1e}"
 
 
-TABLE_HEADER = ("system", "median ms", "IQR ms", "tokens/s", "TFLOP/s", "vs hf-eager", "vs best other", "max abs err")
+TABLE_HEADER = (
+    "system",
+    "precision",
+    "median ms",
+    "IQR ms",
+    "tokens/s",
+    "TFLOP/s",
+    "vs hf-eager",
+    "vs best other",
+    "max abs err",
+)
+
+
+def _precision(row: dict[str, Any]) -> str:
+    return row.get("precision") or row["dtype"]  # reports written before rows carried it: the panel's dtype
 
 
 def table_rows(rows: Iterable[dict[str, Any]]) -> list[tuple[str, ...]]:
     out = []
     for r in rows:
         if r["status"] != "ok":
-            out.append((r["system"], "error", "", "", "", "", "", r["message"][:80]))
+            out.append((r["system"], _precision(r), "error", "", "", "", "", "", r["message"][:80]))
             continue
         other = f"{_fmt_x(r['speedup_vs_best_other'])} ({r['best_other']})" if r["best_other"] else "-"
         out.append(
             (
                 r["system"],
+                _precision(r),
                 _fmt_ms(r["median_ms"]),
                 _fmt_ms(r["q75_ms"] - r["q25_ms"]),
                 _fmt_rate(r["tokens_per_s"]),
@@ -242,8 +262,10 @@ def summary_tables(report: dict[str, Any]) -> list[tuple[str, tuple[str, ...], l
                     cells.append(f"{_fmt_ms(r['median_ms'])} ({_fmt_x(r['speedup_vs_eager'])})")
             errors = [r["max_abs_err"] for r in mine.values() if r["status"] == "ok"]
             worst = max(errors, key=lambda e: math.inf if math.isnan(e) else e) if errors else math.nan
-            body.append((system, *cells, _fmt_err(worst)))
-        out.append((f"{model} {dtype}: median ms (speed-up vs hf-eager)", ("system", *sizes, "max abs err"), body))
+            precision = "/".join(dict.fromkeys(_precision(r) for r in mine.values()))
+            body.append((system, precision, *cells, _fmt_err(worst)))
+        header = ("system", "precision", *sizes, "max abs err")
+        out.append((f"{model} {dtype}: median ms (speed-up vs hf-eager)", header, body))
     return out
 
 
@@ -274,6 +296,8 @@ def render_text(report: dict[str, Any]) -> str:
         "",
         "max abs err: vs transformers eager fp32, valid tokens only. Speed-ups: median of per-round paired ratios.",
     ]
+    if any(r["dtype"] == "int8" for r in report["results"]):
+        lines.append(INT8_NOTE)
     return "\n".join(lines)
 
 
@@ -294,7 +318,18 @@ METHOD = """\
 - max abs err: max |h - h_ref| over valid tokens, h_ref = transformers eager in fp32 on the same device.
 - Threads: torch.set_num_threads({threads}); ONNX Runtime intra-op {threads} / inter-op 1 with spinning off; OpenVINO
   INFERENCE_NUM_THREADS {threads}. ONNX export: TorchScript exporter, opset 17, dynamic batch and sequence axes;
-  ONNX Runtime at its default graph optimisation level; OpenVINO precision hint = the dtype (f32 / bf16)."""
+  ONNX Runtime at its default graph optimisation level; OpenVINO precision hint = the dtype (f32 / bf16).
+- Precision (the `precision` column): what each system computed in. In int8 panels fastbert loads with
+  `quantize="int8"` (float32 models whose four encoder linears run int8 GEMMs), onnxruntime-int8 runs the same ONNX
+  export through `onnxruntime.quantization.quantize_dynamic(per_channel=True, weight_type=QuantType.QInt8)`, and
+  every other system (transformers, ONNX Runtime, OpenVINO) runs fp32, the baseline."""
+
+
+INT8_NOTE = (
+    "int8 panels: fastbert loads with quantize='int8' (float32 models whose encoder linears run int8 GEMMs); "
+    "onnxruntime-int8 is ONNX Runtime's dynamic int8 (per-channel int8 weights); every other system runs fp32 as "
+    "the baseline. The precision column says what each system computed in."
+)
 
 
 def _fmt_load(x: float | None) -> str:
@@ -328,6 +363,8 @@ def render_markdown(report: dict[str, Any], note: str = "") -> str:
         for label, m in meta["models"].items()
     )
     lines += [f"- **Models:** {models}", "", "## Summary"]
+    if any(r["dtype"] == "int8" for r in report["results"]):
+        lines += ["", INT8_NOTE]
     for title, header, body in summary_tables(report):
         lines += ["", f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in body]

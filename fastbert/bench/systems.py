@@ -1,18 +1,40 @@
 """The systems the report compares: one way of running an encoder each (fastbert on one backend, transformers
-eager or sdpa, ``torch.compile`` of the sdpa model, ONNX Runtime, OpenVINO), and the names that pick them."""
+eager or sdpa, ``torch.compile`` of the sdpa model, ONNX Runtime in fp32 and in dynamic int8, OpenVINO), and the
+names that pick them."""
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+import os
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .models import BenchModel
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: ``--dtype int8`` is not a model dtype but the int8 inference mode: fastbert loads float32 models with
+#: ``quantize="int8"`` (int8 GEMMs in the encoder), a system with an int8 mode of its own runs that
+#: (onnxruntime-int8), and every other system runs fp32, the baseline the int8 rows are compared with.
+#: ``torch.int8`` stands for that mode wherever a system is handed a dtype.
+INT8 = torch.int8
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": INT8}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The report's name of a dtype of ``DTYPES`` (``torch.int8`` -> ``"int8"``)."""
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
+def model_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the weights are loaded in: float32 for the int8 mode (int8 models are float32 models whose
+    encoder linears run int8 GEMMs), else ``dtype`` itself."""
+    return torch.float32 if dtype == INT8 else dtype
 
 
 class System:
@@ -23,6 +45,11 @@ class System:
     def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
         """Why this system cannot run here (None when it can); checked before ``prepare``."""
         return None
+
+    def precision(self, dtype: torch.dtype) -> str:
+        """What this system computes in when the report asks for ``dtype`` ("fp32", "bf16", "fp16" or "int8"):
+        that dtype, except in int8 panels, where a system without an int8 mode runs fp32 (the baseline)."""
+        return "fp32" if dtype == INT8 else dtype_name(dtype)
 
     def prepare(self, model: BenchModel, dtype: torch.dtype, device: torch.device, threads: int, workdir: str) -> None:
         raise NotImplementedError
@@ -46,12 +73,23 @@ class FastbertSystem(System):
             from fastbert import ops
         except Exception as exc:
             return f"fastbert.modeling failed to import: {type(exc).__name__}: {exc}"
+        if dtype == INT8:
+            if device.type != "cpu":
+                return "int8 (quantize='int8') runs on CPU only"
+            if importlib.util.find_spec("fastbert.quantize") is None:
+                return "this fastbert has no int8 mode (fastbert.quantize is missing)"
         return ops.unavailable_reason(self.backend, device)
+
+    def precision(self, dtype: torch.dtype) -> str:
+        return dtype_name(dtype)  # int8 included: quantize="int8"
 
     def prepare(self, model: BenchModel, dtype: torch.dtype, device: torch.device, threads: int, workdir: str) -> None:
         import fastbert
 
-        self.model = fastbert.AutoModel.from_pretrained(model.path, device=device, dtype=dtype, backend=self.backend)
+        extra = {"quantize": "int8"} if dtype == INT8 else {}
+        self.model = fastbert.AutoModel.from_pretrained(
+            model.path, device=device, dtype=model_dtype(dtype), backend=self.backend, **extra
+        )
         self.model.eval()
         actual = self.model.backend.name
         if actual != self.backend:
@@ -73,7 +111,8 @@ class TransformersSystem(System):
     def prepare(self, model: BenchModel, dtype: torch.dtype, device: torch.device, threads: int, workdir: str) -> None:
         from transformers import AutoModel
 
-        hf = AutoModel.from_pretrained(model.path, dtype=dtype, attn_implementation=self.attn).to(device).eval()
+        hf = AutoModel.from_pretrained(model.path, dtype=model_dtype(dtype), attn_implementation=self.attn)
+        hf = hf.to(device).eval()
         self.model = torch.compile(hf) if self.compile else hf
 
     def run(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -120,34 +159,90 @@ def export_onnx(model: BenchModel, workdir: str) -> str:
     return str(path)
 
 
+def quantize_onnx_int8(model: BenchModel, workdir: str) -> str:
+    """ONNX Runtime's dynamic int8 of ``export_onnx``'s fp32 graph, once per model: ``quantize_dynamic`` with
+    symmetric int8 weights per output channel (``per_channel=True, weight_type=QuantType.QInt8``) and activations
+    quantized at run time (uint8, one scale per tensor), ORT's own CPU recipe, at its defaults otherwise."""
+    source = export_onnx(model, workdir)
+    path = Path(source).with_name("model-int8.onnx")
+    if path.exists():
+        return str(path)
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    partial = path.with_name("model-int8.partial.onnx")  # renamed when complete: an interrupted run leaves no stub
+    root = logging.getLogger()
+    quiet, level = logging.NullHandler(), root.level
+    # quantize_dynamic logs a "consider pre-processing" advice on the root logger, and logging there would
+    # install a stderr handler for the whole process: a handler of ours and a higher level keep both away.
+    root.addHandler(quiet)
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(source, str(partial), per_channel=True, weight_type=QuantType.QInt8)
+    finally:
+        root.removeHandler(quiet)
+        root.setLevel(level)
+    os.replace(partial, path)
+    return str(path)
+
+
+def _ort_session(path: str, threads: int) -> Any:
+    """An onnxruntime.InferenceSession on the CPU with fastbert bench's thread settings."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # Spinning worker threads would keep burning the cores into the next system's interleaved call.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def _ort_missing() -> str | None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        return f"not installed ({exc.name}); pip install 'fastbert[bench]'"
+    return None
+
+
 class OnnxRuntimeSystem(System):
+    """ONNX Runtime on the fp32 export (also the fp32 baseline of int8 panels)."""
+
     name = "onnxruntime"
 
     def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
         if device.type != "cpu":
             return "benchmarked on CPU only"
-        if dtype != torch.float32:
-            return "runs the fp32 export only"
-        try:
-            import onnx  # noqa: F401
-            import onnxruntime  # noqa: F401
-        except ImportError as exc:
-            return f"not installed ({exc.name}); pip install 'fastbert[bench]'"
-        return None
+        if model_dtype(dtype) != torch.float32:
+            return "runs the fp32 export only (and onnxruntime-int8 its dynamic int8)"
+        return _ort_missing()
 
     def prepare(self, model: BenchModel, dtype: torch.dtype, device: torch.device, threads: int, workdir: str) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        # Spinning worker threads would keep burning the cores into the next system's interleaved call.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.model = ort.InferenceSession(export_onnx(model, workdir), options, providers=["CPUExecutionProvider"])
+        self.model = _ort_session(export_onnx(model, workdir), threads)
 
     def run(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         feed = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
         return torch.from_numpy(self.model.run(["last_hidden_state"], feed)[0])
+
+
+class OnnxRuntimeInt8System(OnnxRuntimeSystem):
+    """ONNX Runtime dynamic int8 with per-channel weights (``quantize_onnx_int8``): the int8 anchor users run."""
+
+    name = "onnxruntime-int8"
+
+    def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        if device.type != "cpu":
+            return "benchmarked on CPU only"
+        if dtype != INT8:
+            return "an int8 system: it runs in int8 panels only (--dtype int8)"
+        return _ort_missing()
+
+    def precision(self, dtype: torch.dtype) -> str:
+        return "int8"
+
+    def prepare(self, model: BenchModel, dtype: torch.dtype, device: torch.device, threads: int, workdir: str) -> None:
+        self.model = _ort_session(quantize_onnx_int8(model, workdir), threads)
 
 
 class OpenVinoSystem(System):
@@ -157,7 +252,7 @@ class OpenVinoSystem(System):
     def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
         if device.type != "cpu":
             return "benchmarked on CPU only"
-        if dtype not in self._HINTS:
+        if model_dtype(dtype) not in self._HINTS:
             return f"no {dtype} inference precision on CPU here (fp32 and bf16 only)"
         try:
             import onnx  # noqa: F401
@@ -169,7 +264,7 @@ class OpenVinoSystem(System):
     def prepare(self, model: BenchModel, dtype: torch.dtype, device: torch.device, threads: int, workdir: str) -> None:
         import openvino
 
-        config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": self._HINTS[dtype]}
+        config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": self._HINTS[model_dtype(dtype)]}
         compiled = openvino.Core().compile_model(export_onnx(model, workdir), "CPU", config)
         self.model = compiled.create_infer_request()
         self.output = compiled.output(0)
@@ -179,7 +274,7 @@ class OpenVinoSystem(System):
         return torch.from_numpy(result[self.output].copy())  # the request reuses its output buffer
 
 
-BASELINES = ("hf-eager", "hf-sdpa", "compile-sdpa", "onnxruntime", "openvino")
+BASELINES = ("hf-eager", "hf-sdpa", "compile-sdpa", "onnxruntime", "onnxruntime-int8", "openvino")
 FASTBERT_BACKENDS = ("torch", "cpp", "triton")
 ALL_SYSTEM_NAMES = tuple(f"fastbert-{b}" for b in FASTBERT_BACKENDS) + BASELINES
 
@@ -192,6 +287,7 @@ def make_system(name: str) -> System:
         "hf-sdpa": lambda: TransformersSystem("sdpa"),
         "compile-sdpa": lambda: TransformersSystem("sdpa", compile=True),
         "onnxruntime": OnnxRuntimeSystem,
+        "onnxruntime-int8": OnnxRuntimeInt8System,
         "openvino": OpenVinoSystem,
     }
     if name not in factories:
