@@ -114,6 +114,18 @@ struct Kernels {
   // out[i] = dropout_bits(seed, head[i], row[i], col[i]) for i < n (exposes the kernels' hash to the tests).
   void (*dropout_bits)(int64_t n, uint32_t seed, const int64_t* head, const int64_t* row, const int64_t* col,
                        int64_t* out);
+  // int8 inference (reference.quantize_rows is the contract, bit for bit), rows [r0, r1) of n fp32 values:
+  // v = x[r] * smooth_inv (smooth_inv may be null: v = x[r]); lo = min(0, min v), hi = max(0, max v);
+  // scale[r] = (hi - lo) / 255 (1 when that is 0); zp[r] = clamp(rint(-lo / scale), 0, 255);
+  // q[r] = clamp(rint(v * (1 / scale)) + zp, 0, 255). A row holding a NaN or an infinity gets scale NaN (the
+  // caller raises) and unspecified q.
+  void (*quantize_rows)(int64_t r0, int64_t r1, int64_t n, const float* x, int64_t sx, const float* smooth_inv,
+                        uint8_t* q, int64_t sq, float* scale, int32_t* zp);
+  // The int8 GEMM's dequantization, in place, rows [r0, r1): acc[r][j] = scale[r] * w_scale[j] * (acc[r][j] -
+  // zp[r] * w_sum[j]) + bias[j], acc holding the integer sums sum_k q[r, k] * w[j, k] (exact in float32 below
+  // 2^24, as is the difference, so the zero point's correction does not cancel digits). bias may be null.
+  void (*dequantize_rows)(int64_t r0, int64_t r1, int64_t n, float* acc, int64_t sa, const float* scale,
+                          const int32_t* zp, const float* w_scale, const float* w_sum, const float* bias);
 };
 
 namespace base {

@@ -832,6 +832,91 @@ static void attention_backward(const AttnBwdArgs& a, const AttnTask* tasks, int6
   free(w.ds);
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// int8 inference: per-row asymmetric uint8 quantization and the int8 GEMM's dequantization (kernels.h)
+// ---------------------------------------------------------------------------------------------------------
+
+static inline float clamp_0_255(float v) { return v < 0.f ? 0.f : (v > 255.f ? 255.f : v); }
+
+// Values per block of quantize_rows' scratch (a stack buffer: rows of any length go through in blocks).
+constexpr int64_t kQuantBlock = 1024;
+
+static void quantize_rows(int64_t r0, int64_t r1, int64_t n, const float* x, int64_t sx, const float* smooth_inv,
+                          uint8_t* q, int64_t sq, float* scale, int32_t* zp) {
+  float buf[kQuantBlock];
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* xr = x + r * sx;
+    uint8_t* qr = q + r * sq;
+    // 16 independent lanes of min, max and "v - v" (0 when finite, NaN for NaN or +-inf), so the loop vectorizes
+    // without reassociation; a NaN fails every compare, hence the separate finiteness lane.
+    float lo16[16], hi16[16], bad16[16];
+    for (int k = 0; k < 16; ++k) lo16[k] = hi16[k] = bad16[k] = 0.f;
+    for (int64_t c0 = 0; c0 < n; c0 += kQuantBlock) {
+      const int64_t m = n - c0 < kQuantBlock ? n - c0 : kQuantBlock;
+      if (smooth_inv != nullptr) {
+        for (int64_t i = 0; i < m; ++i) buf[i] = xr[c0 + i] * smooth_inv[c0 + i];
+      } else {
+        for (int64_t i = 0; i < m; ++i) buf[i] = xr[c0 + i];
+      }
+      int64_t i = 0;
+      for (; i + 16 <= m; i += 16)
+        for (int k = 0; k < 16; ++k) {
+          const float v = buf[i + k];
+          lo16[k] = v < lo16[k] ? v : lo16[k];
+          hi16[k] = v > hi16[k] ? v : hi16[k];
+          bad16[k] += v - v;
+        }
+      for (; i < m; ++i) {
+        const float v = buf[i];
+        lo16[0] = v < lo16[0] ? v : lo16[0];
+        hi16[0] = v > hi16[0] ? v : hi16[0];
+        bad16[0] += v - v;
+      }
+    }
+    float lo = 0.f, hi = 0.f, bad = 0.f;
+    for (int k = 0; k < 16; ++k) {
+      lo = lo16[k] < lo ? lo16[k] : lo;
+      hi = hi16[k] > hi ? hi16[k] : hi;
+      bad += bad16[k];
+    }
+    float s = (hi - lo) / 255.f;
+    if (!(bad == 0.f) || !(s < __builtin_inff())) {
+      scale[r] = __builtin_nanf("");
+      zp[r] = 0;
+      continue;
+    }
+    if (s == 0.f) s = 1.f;
+    const float inv = 1.f / s;
+    const float z = clamp_0_255(__builtin_rintf(-lo * inv));
+    scale[r] = s;
+    zp[r] = static_cast<int32_t>(z);
+    for (int64_t c0 = 0; c0 < n; c0 += kQuantBlock) {
+      const int64_t m = n - c0 < kQuantBlock ? n - c0 : kQuantBlock;
+      if (smooth_inv != nullptr) {
+        for (int64_t i = 0; i < m; ++i) buf[i] = xr[c0 + i] * smooth_inv[c0 + i];
+      } else {
+        for (int64_t i = 0; i < m; ++i) buf[i] = xr[c0 + i];
+      }
+      for (int64_t i = 0; i < m; ++i)
+        qr[c0 + i] = static_cast<uint8_t>(clamp_0_255(__builtin_rintf(buf[i] * inv) + z));
+    }
+  }
+}
+
+static void dequantize_rows(int64_t r0, int64_t r1, int64_t n, float* acc, int64_t sa, const float* scale,
+                            const int32_t* zp, const float* w_scale, const float* w_sum, const float* bias) {
+  for (int64_t r = r0; r < r1; ++r) {
+    float* a = acc + r * sa;
+    const float s = scale[r];
+    const float z = static_cast<float>(zp[r]);
+    if (bias != nullptr) {
+      for (int64_t j = 0; j < n; ++j) a[j] = (s * w_scale[j]) * (a[j] - z * w_sum[j]) + bias[j];
+    } else {
+      for (int64_t j = 0; j < n; ++j) a[j] = (s * w_scale[j]) * (a[j] - z * w_sum[j]);
+    }
+  }
+}
+
 const Kernels kKernels = {
 #if defined(FASTBERT_ISA_NAME)
     FASTBERT_ISA_NAME,
@@ -849,4 +934,6 @@ const Kernels kKernels = {
     bias_activation_backward,
     embeddings_backward,
     gather_sum_rows,
-    dropout_bits};
+    dropout_bits,
+    quantize_rows,
+    dequantize_rows};

@@ -899,6 +899,300 @@ linear_residual_layernorm_backward(const at::Tensor& grad_out, const at::Tensor&
   return {dx, dw, db, dh, dgamma, dbeta};
 }
 
+
+// ---------------------------------------------------------------------------------------------------------
+// int8 inference: per-row (per-token) asymmetric uint8 activations x per-output-channel symmetric int8 weights,
+// GEMM in oneDNN (torch's onednn::qlinear_pointwise: VNNI / AMX where the CPU has them), dequantization, bias,
+// activation, residual + LayerNorm and the next GEMM's quantization fused into one pass over each block of rows.
+// The arithmetic is reference.quantize_rows / reference.int8_linear (fastbert/reference.py).
+// ---------------------------------------------------------------------------------------------------------
+
+// Looked up by name and called boxed (one IValue stack), so no C++ signature has to match the registration's
+// across torch releases.
+static const std::optional<c10::OperatorHandle>& onednn_op(const char* name) {
+  static std::optional<c10::OperatorHandle> qlinear, prepack;
+  static const bool found = [] {
+    if (at::hasMKLDNN()) {
+      qlinear = c10::Dispatcher::singleton().findSchema({"onednn::qlinear_pointwise", ""});
+      prepack = c10::Dispatcher::singleton().findSchema({"onednn::qlinear_prepack", ""});
+    }
+    return true;
+  }();
+  (void)found;
+  return std::strcmp(name, "qlinear") == 0 ? qlinear : prepack;
+}
+
+static at::Tensor call_boxed(const c10::OperatorHandle& op, std::vector<c10::IValue> stack) {
+  op.callBoxed(&stack);
+  return stack.at(0).toTensor();
+}
+
+static at::Tensor onednn_prepack(const at::Tensor& wq) {
+  return call_boxed(*onednn_op("prepack"), {c10::IValue(wq), c10::IValue()});
+}
+
+// sum_k q[r, k] * w[j, k] * w_scale[j] in fp32 through oneDNN (called with w_scale = 1) (packed: its prepacked weight; undefined: packed
+// here, per call); nullopt when oneDNN cannot run it.
+static std::optional<at::Tensor> onednn_int8_gemm(const at::Tensor& q, const at::Tensor& wq, const at::Tensor& ws,
+                                                  const at::Tensor* packed) {
+  const auto& op = onednn_op("qlinear");
+  if (!op.has_value() || !onednn_op("prepack").has_value() || q.size(1) == 0) return std::nullopt;
+  const at::Tensor w = packed != nullptr ? *packed : onednn_prepack(wq);
+  const at::Tensor w_zp = at::zeros({wq.size(0)}, at::TensorOptions().dtype(at::kLong));
+  return call_boxed(*op, {c10::IValue(q), c10::IValue(1.0), c10::IValue(int64_t{0}), c10::IValue(w), c10::IValue(ws),
+                          c10::IValue(w_zp), c10::IValue(), c10::IValue(1.0), c10::IValue(int64_t{0}),
+                          c10::IValue(at::kFloat), c10::IValue(std::string("none")),
+                          c10::IValue(c10::List<std::optional<c10::Scalar>>()), c10::IValue(std::string(""))});
+}
+
+// The exact product in float64 (|sum| < 2^53), for a torch without oneDNN's int8 GEMM: correct, slow.
+static at::Tensor reference_int8_gemm(const at::Tensor& q, const at::Tensor& wq, const at::Tensor& ws) {
+  return at::mm(q.to(at::kDouble), wq.to(at::kDouble).t()).mul_(ws.to(at::kDouble)).to(at::kFloat);
+}
+
+// How int8 GEMMs run here, probed once: "onednn" (exact u8 x s8 products), "onednn-7bit" (this CPU's oneDNN
+// kernel adds u8 x s8 pairs in saturating int16 (AVX2 / AVX-512 without VNNI): exact only with weights in
+// [-63, 63], so weights are quantized to 7 bits), or "reference" (no oneDNN int8 GEMM: float64 matmul).
+static std::string int8_gemm_kind() {
+  static const std::string kind = []() -> std::string {
+    const int64_t k = 256, n = 16;
+    const at::Tensor q = at::full({2, k}, 255, at::TensorOptions().dtype(at::kByte));
+    const at::Tensor w = at::full({n, k}, 127, at::TensorOptions().dtype(at::kChar));
+    const at::Tensor ws = at::ones({n}, at::TensorOptions().dtype(at::kFloat));
+    std::optional<at::Tensor> out;
+    try {
+      out = onednn_int8_gemm(q, w, ws, nullptr);
+    } catch (const c10::Error& e) {
+      TORCH_WARN("fastbert: oneDNN's int8 GEMM failed its probe, int8 GEMMs fall back to float64: ", e.what_without_backtrace());
+      out = std::nullopt;
+    }
+    if (!out.has_value()) return "reference";
+    const double exact = 255.0 * 127.0 * static_cast<double>(k);  // 8,290,560 < 2^24: exact in fp32
+    return out->eq(exact).all().item<bool>() ? "onednn" : "onednn-7bit";
+  }();
+  return kind;
+}
+
+static at::Tensor int8_gemm(const at::Tensor& q, const at::Tensor& wq, const at::Tensor& ws,
+                            const std::optional<at::Tensor>& packed) {
+  const bool use_packed = packed.has_value() && packed->defined() && packed->is_mkldnn();
+  if (int8_gemm_kind() != "reference") {
+    auto out = onednn_int8_gemm(q, wq, ws, use_packed ? &*packed : nullptr);
+    if (out.has_value()) return *out;
+  }
+  return reference_int8_gemm(q, wq, ws);
+}
+
+static std::string int8_info() { return int8_gemm_kind(); }
+
+static at::Tensor int8_prepack(const at::Tensor& weight_q) {
+  TORCH_CHECK(weight_q.device().is_cpu() && weight_q.scalar_type() == at::kChar && weight_q.dim() == 2,
+              "fastbert: int8_prepack takes a 2-D int8 CPU weight (out_features, in_features), got ",
+              weight_q.scalar_type(), " of shape ", weight_q.sizes(), " on ", weight_q.device());
+  if (int8_gemm_kind() == "reference" || weight_q.size(1) == 0) return weight_q.contiguous();
+  return onednn_prepack(weight_q.contiguous());
+}
+
+// The quantized activation (q, scale, zp) of one GEMM input, checked.
+static void check_quantized(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zp) {
+  check_2d(q, "q");
+  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kByte, "fastbert: q must be a uint8 CPU tensor, got ",
+              q.scalar_type(), " on ", q.device());
+  TORCH_CHECK(scale.device().is_cpu() && scale.scalar_type() == at::kFloat && scale.dim() == 1 &&
+                  scale.size(0) == q.size(0),
+              "fastbert: scale must be float32 of shape (", q.size(0), ",), got ", scale.scalar_type(), " ",
+              scale.sizes());
+  TORCH_CHECK(zp.device().is_cpu() && zp.scalar_type() == at::kInt && zp.dim() == 1 && zp.size(0) == q.size(0),
+              "fastbert: zp must be int32 of shape (", q.size(0), ",), got ", zp.scalar_type(), " ", zp.sizes());
+}
+
+static void check_int8_weight(const at::Tensor& q, const at::Tensor& wq, const at::Tensor& ws,
+                              const at::Tensor& wsum, const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& packed) {
+  TORCH_CHECK(wq.device().is_cpu() && wq.scalar_type() == at::kChar && wq.dim() == 2,
+              "fastbert: weight_q must be a 2-D int8 CPU tensor (out_features, in_features), got ", wq.scalar_type(),
+              " of shape ", wq.sizes());
+  TORCH_CHECK(wq.size(1) == q.size(1), "fastbert: q has ", q.size(1), " features but weight_q expects ", wq.size(1));
+  const int64_t n = wq.size(0);
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&ws, "weight_scale"}, {&wsum, "weight_sum"}})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == n,
+                "fastbert: ", name, " must be float32 of shape (", n, ",), got ", t->scalar_type(), " ", t->sizes());
+  if (bias.has_value())
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "fastbert: bias must have shape (", n, ",), got ",
+                bias->sizes());
+  if (packed.has_value() && packed->defined()) {
+    // int8_prepack's result: oneDNN's packed form, shaped (in_features, out_features), or weight_q itself.
+    const bool matches = packed->is_mkldnn() ? packed->dim() == 2 && packed->size(0) == wq.size(1) &&
+                                                   packed->size(1) == wq.size(0)
+                                             : packed->sizes() == wq.sizes();
+    TORCH_CHECK(matches, "fastbert: packed weight shape ", packed->sizes(), " is not int8_prepack's for weight_q of shape ",
+                wq.sizes());
+  }
+}
+
+static const float* optional_vector(const std::optional<at::Tensor>& t, int64_t n, const char* name,
+                                    at::Tensor& holder) {
+  if (!t.has_value()) return nullptr;
+  holder = param_f32(*t, n, name);
+  return holder.data_ptr<float>();
+}
+
+// Quantizes rows [r0, r1) of y (fp32) into q / scale / zp (reference.quantize_rows).
+static void quantize_block(const Kernels& k, int64_t r0, int64_t r1, const at::Tensor& y, const float* smooth_inv,
+                           at::Tensor& q, at::Tensor& scale, at::Tensor& zp) {
+  k.quantize_rows(r0, r1, y.size(1), y.data_ptr<float>(), y.stride(0), smooth_inv, q.data_ptr<uint8_t>(),
+                  q.stride(0), scale.data_ptr<float>(), zp.data_ptr<int32_t>());
+}
+
+// Raises when a row could not be quantized (NaN or infinity in the values, or a range past float32).
+static void check_quantized_rows(const at::Tensor& scale, const char* what) {
+  if (scale.numel() == 0) return;
+  const at::Tensor bad = at::isnan(scale);
+  if (!bad.any().item<bool>()) return;
+  const int64_t row = bad.nonzero()[0][0].item<int64_t>();
+  TORCH_CHECK(false, "fastbert: int8 quantization of ", what, ": row ", row,
+              " holds a NaN or an infinity (or a range past float32), which int8 cannot represent");
+}
+
+static std::tuple<at::Tensor, at::Tensor, at::Tensor> new_quantized(int64_t rows, int64_t n) {
+  return {at::empty({rows, n}, at::TensorOptions().dtype(at::kByte)),
+          at::empty({rows}, at::TensorOptions().dtype(at::kFloat)),
+          at::empty({rows}, at::TensorOptions().dtype(at::kInt))};
+}
+
+static std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_quantize(const at::Tensor& x_in,
+                                                                   const std::optional<at::Tensor>& smooth_inv) {
+  check_2d(x_in, "x");
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat, "fastbert: x must be a float32 CPU tensor, got ",
+              x_in.scalar_type(), " on ", x_in.device());
+  const at::Tensor x = rows_view(x_in);
+  const int64_t rows = x.size(0), n = x.size(1);
+  at::Tensor holder;
+  const float* sm = optional_vector(smooth_inv, n, "smooth_inv", holder);
+  auto [q, scale, zp] = new_quantized(rows, n);
+  const Kernels& k = kernels();
+  at::parallel_for(0, rows, row_grain(n), [&](int64_t r0, int64_t r1) { quantize_block(k, r0, r1, x, sm, q, scale, zp); });
+  check_quantized_rows(scale, "x");
+  return {q, scale, zp};
+}
+
+// The GEMM and its dequantization (+ bias) for every int8 linear; `after` runs on each dequantized block of rows.
+template <typename After>
+static at::Tensor int8_linear_core(const at::Tensor& q_in, const at::Tensor& scale, const at::Tensor& zp,
+                                   const at::Tensor& wq, const at::Tensor& ws, const at::Tensor& wsum,
+                                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& packed,
+                                   After&& after) {
+  check_quantized(q_in, scale, zp);
+  check_int8_weight(q_in, wq, ws, wsum, bias, packed);
+  TORCH_CHECK(zp.numel() == 0 || (zp.min().item<int32_t>() >= 0 && zp.max().item<int32_t>() <= 255),
+              "fastbert: zp values must lie in [0, 255]");
+  const int64_t rows = q_in.size(0), n = wq.size(0);
+  if (rows == 0) return at::empty({0, n}, at::TensorOptions().dtype(at::kFloat));
+  // The GEMM gives the integer sums (weight scale 1): the scales are applied after the zero-point correction.
+  at::Tensor acc = int8_gemm(q_in.contiguous(), wq, at::ones({n}, at::TensorOptions().dtype(at::kFloat)), packed)
+                       .contiguous();
+  const at::Tensor wsc = ws.contiguous(), wsumc = wsum.contiguous();
+  at::Tensor bias_holder;
+  const float* bp = optional_vector(bias, n, "bias", bias_holder);
+  const float* wsp = wsc.data_ptr<float>();
+  const float* wsump = wsumc.data_ptr<float>();
+  const Kernels& k = kernels();
+  float* ap = acc.data_ptr<float>();
+  const float* sp = scale.contiguous().data_ptr<float>();
+  const at::Tensor zpc = zp.contiguous();
+  const int32_t* zpp = zpc.data_ptr<int32_t>();
+  at::parallel_for(0, rows, row_grain(n), [&](int64_t r0, int64_t r1) {
+    k.dequantize_rows(r0, r1, n, ap, acc.stride(0), sp, zpp, wsp, wsump, bp);
+    after(k, r0, r1, acc);
+  });
+  return acc;
+}
+
+static at::Tensor int8_linear(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zp,
+                              const at::Tensor& wq, const at::Tensor& ws, const at::Tensor& wsum,
+                              const std::optional<at::Tensor>& bias, std::optional<c10::string_view> act,
+                              const std::optional<at::Tensor>& packed) {
+  const int a = parse_act(act);
+  return int8_linear_core(q, scale, zp, wq, ws, wsum, bias, packed,
+                          [&](const Kernels& k, int64_t r0, int64_t r1, at::Tensor& y) {
+                            if (a != kActNone)
+                              k.bias_activation(r0, r1, y.size(1), y.data_ptr(), y.stride(0), nullptr, a, y.data_ptr(),
+                                                y.stride(0), false);
+                          });
+}
+
+static std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear_quantize(
+    const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zp, const at::Tensor& wq, const at::Tensor& ws,
+    const at::Tensor& wsum, const std::optional<at::Tensor>& bias, std::optional<c10::string_view> act,
+    const std::optional<at::Tensor>& smooth_inv, const std::optional<at::Tensor>& packed) {
+  const int a = parse_act(act);
+  const int64_t n = wq.dim() == 2 ? wq.size(0) : 0;
+  at::Tensor sm_holder;
+  const float* sm = optional_vector(smooth_inv, n, "smooth_inv", sm_holder);
+  auto [oq, os, oz] = new_quantized(q.dim() == 2 ? q.size(0) : 0, n);
+  int8_linear_core(q, scale, zp, wq, ws, wsum, bias, packed,
+                   [&](const Kernels& k, int64_t r0, int64_t r1, at::Tensor& y) {
+                     if (a != kActNone)
+                       k.bias_activation(r0, r1, y.size(1), y.data_ptr(), y.stride(0), nullptr, a, y.data_ptr(),
+                                         y.stride(0), false);
+                     quantize_block(k, r0, r1, y, sm, oq, os, oz);
+                   });
+  check_quantized_rows(os, "the activation output");
+  return {oq, os, oz};
+}
+
+// LayerNorm(dequantized GEMM + bias + residual): the checks shared by both residual forms; returns the params.
+static std::tuple<at::Tensor, at::Tensor, at::Tensor> check_int8_residual(const at::Tensor& q, const at::Tensor& wq,
+                                                                         const at::Tensor& residual,
+                                                                         const at::Tensor& ln_weight,
+                                                                         const at::Tensor& ln_bias) {
+  check_2d(residual, "residual");
+  TORCH_CHECK(residual.device().is_cpu() && residual.scalar_type() == at::kFloat,
+              "fastbert: residual must be a float32 CPU tensor, got ", residual.scalar_type(), " on ",
+              residual.device());
+  TORCH_CHECK(wq.dim() == 2 && q.dim() == 2 && residual.size(0) == q.size(0) && residual.size(1) == wq.size(0),
+              "fastbert: residual shape ", residual.sizes(), " does not match the output shape (",
+              q.dim() == 2 ? q.size(0) : -1, ", ", wq.dim() == 2 ? wq.size(0) : -1, ")");
+  const int64_t n = wq.size(0);
+  return {rows_view(residual), param_f32(ln_weight, n, "ln_weight"), param_f32(ln_bias, n, "ln_bias")};
+}
+
+static at::Tensor int8_linear_residual_layernorm(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zp,
+                                                 const at::Tensor& wq, const at::Tensor& ws, const at::Tensor& wsum,
+                                                 const std::optional<at::Tensor>& bias, const at::Tensor& residual,
+                                                 const at::Tensor& ln_weight, const at::Tensor& ln_bias, double eps,
+                                                 const std::optional<at::Tensor>& packed) {
+  auto [res, g, b] = check_int8_residual(q, wq, residual, ln_weight, ln_bias);
+  return int8_linear_core(q, scale, zp, wq, ws, wsum, bias, packed,
+                          [&](const Kernels& k, int64_t r0, int64_t r1, at::Tensor& y) {
+                            k.add_layernorm(r0, r1, y.size(1), y.data_ptr(), y.stride(0), res.data_ptr(),
+                                            res.stride(0), nullptr, g.data_ptr<float>(), b.data_ptr<float>(),
+                                            static_cast<float>(eps), y.data_ptr(), y.stride(0), false);
+                          });
+}
+
+static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_linear_residual_layernorm_quantize(
+    const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zp, const at::Tensor& wq, const at::Tensor& ws,
+    const at::Tensor& wsum, const std::optional<at::Tensor>& bias, const at::Tensor& residual,
+    const at::Tensor& ln_weight, const at::Tensor& ln_bias, double eps, const std::optional<at::Tensor>& smooth_inv,
+    const std::optional<at::Tensor>& packed) {
+  auto [res, g, b] = check_int8_residual(q, wq, residual, ln_weight, ln_bias);
+  const int64_t n = wq.size(0);
+  at::Tensor sm_holder;
+  const float* sm = optional_vector(smooth_inv, n, "smooth_inv", sm_holder);
+  auto [oq, os, oz] = new_quantized(q.size(0), n);
+  at::Tensor y = int8_linear_core(q, scale, zp, wq, ws, wsum, bias, packed,
+                                  [&](const Kernels& k, int64_t r0, int64_t r1, at::Tensor& y) {
+                                    k.add_layernorm(r0, r1, y.size(1), y.data_ptr(), y.stride(0), res.data_ptr(),
+                                                    res.stride(0), nullptr, g.data_ptr<float>(),
+                                                    b.data_ptr<float>(), static_cast<float>(eps), y.data_ptr(),
+                                                    y.stride(0), false);
+                                    quantize_block(k, r0, r1, y, sm, oq, os, oz);
+                                  });
+  check_quantized_rows(os, "the LayerNorm output");
+  return {y, oq, os, oz};
+}
+
 }  // namespace fastbert
 
 TORCH_LIBRARY(fastbert, m) {
@@ -941,6 +1235,25 @@ TORCH_LIBRARY(fastbert, m) {
       "Tensor residual, Tensor ln_weight, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("_dropout_bits(Tensor seed, Tensor head, Tensor row, Tensor col) -> Tensor");
   m.def("_set_isa(str name) -> str", &fastbert::set_isa);
+  // int8 inference (no gradients: int8 models refuse train()).
+  m.def("int8_quantize(Tensor x, Tensor? smooth_inv=None) -> (Tensor, Tensor, Tensor)");
+  m.def("int8_prepack(Tensor weight_q) -> Tensor");
+  m.def(
+      "int8_linear(Tensor q, Tensor scale, Tensor zp, Tensor weight_q, Tensor weight_scale, Tensor weight_sum, "
+      "Tensor? bias, str? act=None, Tensor? packed=None) -> Tensor");
+  m.def(
+      "int8_linear_quantize(Tensor q, Tensor scale, Tensor zp, Tensor weight_q, Tensor weight_scale, "
+      "Tensor weight_sum, Tensor? bias, str? act=None, Tensor? smooth_inv=None, Tensor? packed=None) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "int8_linear_residual_layernorm(Tensor q, Tensor scale, Tensor zp, Tensor weight_q, Tensor weight_scale, "
+      "Tensor weight_sum, Tensor? bias, Tensor residual, Tensor ln_weight, Tensor ln_bias, float eps, "
+      "Tensor? packed=None) -> Tensor");
+  m.def(
+      "int8_linear_residual_layernorm_quantize(Tensor q, Tensor scale, Tensor zp, Tensor weight_q, "
+      "Tensor weight_scale, Tensor weight_sum, Tensor? bias, Tensor residual, Tensor ln_weight, Tensor ln_bias, "
+      "float eps, Tensor? smooth_inv=None, Tensor? packed=None) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("int8_info() -> str", &fastbert::int8_info);
 }
 
 TORCH_LIBRARY_IMPL(fastbert, CPU, m) {
@@ -959,6 +1272,12 @@ TORCH_LIBRARY_IMPL(fastbert, CPU, m) {
   m.impl("linear_backward", &fastbert::linear_backward);
   m.impl("linear_residual_layernorm_backward", &fastbert::linear_residual_layernorm_backward);
   m.impl("_dropout_bits", &fastbert::dropout_bits);
+  m.impl("int8_quantize", &fastbert::int8_quantize);
+  m.impl("int8_prepack", &fastbert::int8_prepack);
+  m.impl("int8_linear", &fastbert::int8_linear);
+  m.impl("int8_linear_quantize", &fastbert::int8_linear_quantize);
+  m.impl("int8_linear_residual_layernorm", &fastbert::int8_linear_residual_layernorm);
+  m.impl("int8_linear_residual_layernorm_quantize", &fastbert::int8_linear_residual_layernorm_quantize);
 }
 
 // A oneDNN-prepacked weight (torch.ops.mkldnn._reorder_linear_weight) is an MkldnnCPU tensor: the linears must
@@ -966,4 +1285,8 @@ TORCH_LIBRARY_IMPL(fastbert, CPU, m) {
 TORCH_LIBRARY_IMPL(fastbert, MkldnnCPU, m) {
   m.impl("linear", &fastbert::linear);
   m.impl("linear_residual_layernorm", &fastbert::linear_residual_layernorm);
+  m.impl("int8_linear", &fastbert::int8_linear);
+  m.impl("int8_linear_quantize", &fastbert::int8_linear_quantize);
+  m.impl("int8_linear_residual_layernorm", &fastbert::int8_linear_residual_layernorm);
+  m.impl("int8_linear_residual_layernorm_quantize", &fastbert::int8_linear_residual_layernorm_quantize);
 }

@@ -376,6 +376,65 @@ if UNAVAILABLE_REASON is None:
     linear = _ops.linear
     linear_residual_layernorm = _ops.linear_residual_layernorm
 
+    # int8 inference (the contract: reference.int8_*). Shapes-only forms for torch.compile / export; no gradients.
+    def _quantized_fake(rows, n, like: Tensor):
+        return (
+            like.new_empty((rows, n), dtype=torch.uint8),
+            like.new_empty(rows, dtype=torch.float32),
+            like.new_empty(rows, dtype=torch.int32),
+        )
+
+    @_fake("int8_quantize")
+    def _int8_quantize_fake(x, smooth_inv=None):
+        return _quantized_fake(x.shape[0], x.shape[1], x)
+
+    @_fake("int8_prepack")
+    def _int8_prepack_fake(weight_q):
+        return torch.empty_like(weight_q)
+
+    @_fake("int8_linear")
+    def _int8_linear_fake(q, scale, zp, weight_q, weight_scale, weight_sum, bias, act=None, packed=None):
+        return q.new_empty((q.shape[0], weight_q.shape[0]), dtype=torch.float32)
+
+    @_fake("int8_linear_quantize")
+    def _int8_linear_quantize_fake(
+        q, scale, zp, weight_q, weight_scale, weight_sum, bias, act=None, smooth_inv=None, packed=None
+    ):
+        return _quantized_fake(q.shape[0], weight_q.shape[0], q)
+
+    @_fake("int8_linear_residual_layernorm")
+    def _int8_linear_residual_layernorm_fake(
+        q, scale, zp, weight_q, weight_scale, weight_sum, bias, residual, ln_weight, ln_bias, eps, packed=None
+    ):
+        return q.new_empty((q.shape[0], weight_q.shape[0]), dtype=torch.float32)
+
+    @_fake("int8_linear_residual_layernorm_quantize")
+    def _int8_linear_residual_layernorm_quantize_fake(
+        q,
+        scale,
+        zp,
+        weight_q,
+        weight_scale,
+        weight_sum,
+        bias,
+        residual,
+        ln_weight,
+        ln_bias,
+        eps,
+        smooth_inv=None,
+        packed=None,
+    ):
+        y = q.new_empty((q.shape[0], weight_q.shape[0]), dtype=torch.float32)
+        return (y, *_quantized_fake(q.shape[0], weight_q.shape[0], q))
+
+    int8_quantize = _ops.int8_quantize
+    int8_prepack = _ops.int8_prepack
+    int8_linear = _ops.int8_linear
+    int8_linear_quantize = _ops.int8_linear_quantize
+    int8_linear_residual_layernorm = _ops.int8_linear_residual_layernorm
+    int8_linear_residual_layernorm_quantize = _ops.int8_linear_residual_layernorm_quantize
+    int8_info = _ops.int8_info
+
     def attention(
         qkv: Tensor,
         cu_seqlens: Tensor,

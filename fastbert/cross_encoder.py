@@ -66,9 +66,25 @@ class CrossEncoder(_TextModel):
         backend: str = "auto",
         max_length: int | None = None,
         activation_fn: Any = None,
+        quantize: str | None = None,
+        calibration: Any = None,
+        keep: tuple[str, ...] = (),
     ) -> CrossEncoder:
+        """Load a cross-encoder folder; ``quantize="int8"`` (with optional ``calibration`` texts and ``keep``):
+        int8 inference on the CPU (``fastbert.quantize``)."""
         root = _resolve_folder(path_or_hub_id)
-        model, tokenizer = _load(AutoModelForSequenceClassification, root, device, dtype, backend, max_length)
+        model, tokenizer = _load(
+            AutoModelForSequenceClassification,
+            root,
+            device,
+            dtype,
+            backend,
+            max_length,
+            False,
+            quantize,
+            calibration,
+            keep,
+        )
         return cls(model, tokenizer, activation_fn)
 
     @property

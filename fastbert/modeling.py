@@ -274,6 +274,8 @@ class AutoModel(PreTrainedMixin, nn.Module):
     """
 
     task: str | None = None  # the head's task; None for the base model
+    #: ``fastbert.quantize.quantize_``'s description of an int8 model; None for a float one
+    quantization: dict | None = None
 
     def __init__(self, hf_config: Any, backend: str | None = "auto", device=None, add_pooling_layer: bool = True):
         super().__init__()
@@ -304,6 +306,10 @@ class AutoModel(PreTrainedMixin, nn.Module):
         Every backend's fused ops have registered gradients (``fastbert.ops``); the check guards a build without
         them, where training would otherwise leave the encoder untouched without an error.
         """
+        if mode and self.quantization is not None:
+            raise NotImplementedError(
+                "an int8 model (quantize='int8') is for inference only: train the float32 model, then quantize it"
+            )
         if mode and not self.backend.trains:
             raise NotImplementedError(training_unsupported(self.backend))
         return super().train(mode)
@@ -395,6 +401,15 @@ class AutoModel(PreTrainedMixin, nn.Module):
         x = self.embeddings(batch, ops)  # (T, hidden)
         if hidden_states is not None:
             hidden_states.append(x)
+        if self.quantization is not None:
+            from . import quantize
+
+            if not ops.int8:
+                raise RuntimeError(
+                    f"this int8 model is on the {ops.name} backend ({self.device}), which has no int8 ops; int8 runs "
+                    "on the CPU (cpp or torch backend)"
+                )
+            return quantize.encode_layers(self, x, batch.cu_seqlens, max_seqlen, ops, hidden_states)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             if recompute and i % self._checkpoint_every == 0:

@@ -109,6 +109,18 @@ OPS: tuple[str, ...] = tuple(
     name for name, value in vars(BackendOps).items() if inspect.isfunction(value) and not name.startswith("_")
 )
 
+#: int8 inference (``quantize="int8"``, fastbert.quantize): optional, not in ``BackendOps``; the torch and cpp
+#: backends have them (``reference.int8_*`` is the contract), triton does not (``Backend.int8`` is False).
+INT8_OPS: tuple[str, ...] = (
+    "int8_quantize",
+    "int8_prepack",
+    "int8_linear",
+    "int8_linear_quantize",
+    "int8_linear_residual_layernorm",
+    "int8_linear_residual_layernorm_quantize",
+    "int8_info",
+)
+
 _MODULES = {"torch": "fastbert.reference", "cpp": "fastbert._cpp", "triton": "fastbert.kernels"}
 
 
@@ -161,6 +173,11 @@ class Backend(BackendOps):
             if name == "triton" and op in _AUTOCAST_LOW + _AUTOCAST_FLOAT32:
                 fn = _autocasting(fn, low_precision=op in _AUTOCAST_LOW)
             setattr(self, op, fn)
+        #: whether the backend runs int8 models (every op in ``INT8_OPS``)
+        self.int8 = all(hasattr(module, op) for op in INT8_OPS)
+        if self.int8:
+            for op in INT8_OPS:
+                setattr(self, op, getattr(module, op))
 
     def __repr__(self) -> str:
         return f"Backend({self.name!r})"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -145,14 +146,25 @@ def _fast_forward(self, *args, **kwargs):
     return enc(*args, **kwargs)
 
 
-def optimize(model: nn.Module, backend: str = "auto") -> nn.Module:
+def optimize(
+    model: nn.Module, backend: str = "auto", quantize: str | None = None, calibration: Any = None, keep=()
+) -> nn.Module:
     """Make a BERT-family model run on fastbert's fused, padding-free path; returns the same object.
 
     ``model`` is a transformers PreTrainedModel (its base model is optimised, heads stay transformers'), or a
     sentence-transformers ``SentenceTransformer`` / ``CrossEncoder`` (the transformers model inside it is; its
     ``encode`` / ``predict`` / ``similarity`` are unchanged). Parameters are shared, not copied. Outputs keep
     transformers' classes. Call ``restore(model)`` to undo. Anything else raises TypeError naming what is supported.
+
+    ``quantize="int8"``: the encoder runs int8 GEMMs on the CPU (``fastbert.quantize``: int8 copies of the
+    weights; the transformers parameters stay as they are, for ``restore``). Inference only: ``model.train()``
+    then raises. ``calibration`` (batches, or texts for a sentence-transformers model, tokenized with its
+    tokenizer) and ``keep`` are ``quantize_``'s arguments.
     """
+    from . import quantize as _quantize
+
+    _quantize.check_mode(quantize)
+    tokenizer = _st_tokenizer(model) if quantize is not None else None
     pending = []
     for target in _targets(model):
         base = _base_of(target)
@@ -161,10 +173,36 @@ def optimize(model: nn.Module, backend: str = "auto") -> nn.Module:
                 pending.append((base, _shared_encoder(base, backend)))
             except UnsupportedModelError as exc:
                 raise NotOptimizableError(f"optimize(): {exc}. fastbert optimises {SUPPORTED}") from exc
+    if quantize is not None:
+        for base, enc in pending:
+            if base.training:
+                raise ValueError("optimize(quantize='int8') takes a model in eval() mode (int8 is inference only)")
+            enc.eval()
+            _quantize.quantize_(enc, quantize, calibration, keep, tokenizer=tokenizer)
     for base, enc in pending:  # every model checked before any is changed
         object.__setattr__(base, _ATTR, enc)  # not a submodule: stays out of state_dict / save_pretrained
         base.forward = types.MethodType(_fast_forward, base)
+        if quantize is not None:
+            base.train = types.MethodType(_inference_only_train, base)
     return model
+
+
+def _inference_only_train(self, mode: bool = True):
+    """``train()`` of a transformers model optimised with ``quantize="int8"``: eval() works, train() raises."""
+    if mode:
+        raise NotImplementedError(
+            "this model was optimised with quantize='int8', which is for inference only: fastbert.restore(model) "
+            "gives back the float model to train"
+        )
+    return type(self).train(self, False)
+
+
+def _st_tokenizer(model: object):
+    """texts -> batch with a sentence-transformers object's tokenizer (calibration texts); None for others."""
+    tok = getattr(model, "tokenizer", None) if _is_sentence_transformers(model) else None
+    if tok is None:
+        return None
+    return lambda texts: dict(tok(texts, padding=True, truncation=True, return_tensors="pt"))
 
 
 def restore(model: nn.Module) -> nn.Module:
@@ -174,6 +212,7 @@ def restore(model: nn.Module) -> nn.Module:
         base = _base_of(target)
         base.__dict__.pop(_ATTR, None)
         base.__dict__.pop("forward", None)
+        base.__dict__.pop("train", None)
     return model
 
 

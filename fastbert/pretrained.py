@@ -37,6 +37,9 @@ class PreTrainedMixin:
         dtype: torch.dtype | None = None,
         backend: str | None = "auto",
         output_loading_info: bool = False,
+        quantize: str | None = None,
+        calibration: Any = None,
+        keep: tuple[str, ...] = (),
         **kwargs,
     ):
         """Load a transformers checkpoint (local folder or hub id) unchanged.
@@ -53,7 +56,14 @@ class PreTrainedMixin:
         is ``device``, config attributes (``num_labels=5``) update the config; options that do not apply here
         (``attn_implementation``, ``low_cpu_mem_usage``, ...) are accepted with a one-time log note, options
         that would change what is loaded raise ``ValueError``, and anything else raises ``TypeError``.
+
+        ``quantize="int8"``: int8 inference on the CPU (``fastbert.quantize``; float32 on the CPU only, no
+        training); ``calibration`` (texts, tokenized with the folder's tokenizer, or batches) and ``keep``
+        (linears left in float32) are ``quantize_``'s arguments.
         """
+        from . import quantize as _quantize
+
+        _quantize.check_mode(quantize)
         hub, kwargs = cls._hub_options(kwargs)
         path = loading.resolve_path(path_or_id, **hub)
         subfolder = kwargs.pop("subfolder", "")
@@ -93,6 +103,8 @@ class PreTrainedMixin:
         model = model.to(device=device or "cpu", dtype=dtype)
         model.set_backend(backend if backend is not None else "auto")
         model.eval()
+        if quantize is not None:
+            _quantize.quantize_(model, quantize, calibration, keep, tokenizer=_quantize.folder_tokenizer(path))
         if output_loading_info:
             return model, {"missing_keys": optional, "unexpected_keys": unexpected}
         return model
@@ -118,6 +130,11 @@ class PreTrainedMixin:
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write config.json + model.safetensors that transformers loads back unchanged."""
+        if getattr(self, "quantization", None) is not None:
+            raise NotImplementedError(
+                "save_pretrained() of an int8 model is not supported (its float32 weights are gone): save the float "
+                "model and load it with quantize='int8'"
+            )
         from safetensors.torch import save_file
 
         out = Path(save_directory)

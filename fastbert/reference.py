@@ -245,3 +245,131 @@ def attention(
         probs = probs * (bits >= dropout_threshold(dropout_p)).to(probs.dtype) / (1.0 - dropout_p)
     ctx = torch.matmul(probs, v).transpose(1, 2).reshape(batch * seqlen, hidden)  # (batch * seq, hidden)
     return ctx.index_select(0, slot).to(qkv.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# int8 inference (``quantize="int8"``; fastbert.quantize). Activations: per row (token) asymmetric uint8,
+# x ~ scale * (q - zp). Weights: per output channel symmetric int8, w ~ weight_scale * weight_q. A GEMM's
+# output is scale * weight_scale * (sum_k q w_q - zp * weight_sum) + bias, weight_sum = sum_k w_q (exact in
+# float32). The cpp backend computes exactly this; quantize_rows bit for bit (float32 arithmetic, round half
+# to even), the GEMM exactly in integers, the epilogue up to float32 rounding. No gradients: int8 is inference.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def int8_quantize(x: Tensor, smooth_inv: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(q uint8 (rows, n), scale float32 (rows,), zp int32 (rows,)) of float32 rows ``x * smooth_inv``.
+
+    lo = min(0, min v), hi = max(0, max v), scale = (hi - lo) / 255 (1 for an all-zero row), zp = rint(-lo /
+    scale), q = clamp(rint(v * (1 / scale)) + zp, 0, 255). A NaN or infinity raises ValueError naming its row.
+    """
+    if x.dtype != torch.float32 or x.dim() != 2:
+        raise ValueError(f"int8_quantize takes 2-D float32 rows, got {x.dtype} of shape {tuple(x.shape)}")
+    v = x * smooth_inv.float() if smooth_inv is not None else x
+    zero = v.new_zeros(())
+    lo = torch.minimum(v.amin(1), zero) if v.shape[1] else v.new_zeros(v.shape[0])
+    hi = torch.maximum(v.amax(1), zero) if v.shape[1] else v.new_zeros(v.shape[0])
+    scale = (hi - lo) / 255.0
+    bad = ~torch.isfinite(scale) | ~torch.isfinite(v).all(1)
+    if not tracing() and bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"int8 quantization: row {row} holds a NaN or an infinity (or a range past float32), which int8 "
+            "cannot represent"
+        )
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    inv = 1.0 / scale
+    zp = torch.round(-lo * inv).clamp(0, 255)
+    q = (torch.round(v * inv[:, None]) + zp[:, None]).clamp(0, 255)
+    return q.to(torch.uint8), scale, zp.to(torch.int32)
+
+
+def int8_prepack(weight_q: Tensor) -> Tensor:
+    """The weight in the form the int8 GEMM reads: here the int8 tensor itself."""
+    return weight_q
+
+
+def _int8_gemm(
+    q: Tensor, scale: Tensor, zp: Tensor, weight_q: Tensor, weight_scale: Tensor, weight_sum: Tensor, bias
+) -> Tensor:
+    """The dequantized product in float64 (exact integer sums: |sum| < 2^53)."""
+    acc = q.double() @ weight_q.double().t()
+    y = scale.double()[:, None] * weight_scale.double() * (acc - zp.double()[:, None] * weight_sum.double())
+    return y + bias.double() if bias is not None else y
+
+
+def int8_linear(
+    q: Tensor,
+    scale: Tensor,
+    zp: Tensor,
+    weight_q: Tensor,
+    weight_scale: Tensor,
+    weight_sum: Tensor,
+    bias: Tensor | None,
+    act: str | None = None,
+    packed: Any = None,
+) -> Tensor:
+    """act(dequantized q @ weight_q.T + bias), float32 (computed in float64)."""
+    y = _int8_gemm(q, scale, zp, weight_q, weight_scale, weight_sum, bias)
+    return activation(y, act).float()
+
+
+def int8_linear_quantize(
+    q: Tensor,
+    scale: Tensor,
+    zp: Tensor,
+    weight_q: Tensor,
+    weight_scale: Tensor,
+    weight_sum: Tensor,
+    bias: Tensor | None,
+    act: str | None = None,
+    smooth_inv: Tensor | None = None,
+    packed: Any = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``int8_linear``'s output quantized for the next GEMM (``int8_quantize`` with that GEMM's ``smooth_inv``)."""
+    return int8_quantize(int8_linear(q, scale, zp, weight_q, weight_scale, weight_sum, bias, act), smooth_inv)
+
+
+def int8_linear_residual_layernorm(
+    q: Tensor,
+    scale: Tensor,
+    zp: Tensor,
+    weight_q: Tensor,
+    weight_scale: Tensor,
+    weight_sum: Tensor,
+    bias: Tensor | None,
+    residual: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    eps: float,
+    packed: Any = None,
+) -> Tensor:
+    """LayerNorm(dequantized q @ weight_q.T + bias + residual), float32 (computed in float64)."""
+    y = _int8_gemm(q, scale, zp, weight_q, weight_scale, weight_sum, bias) + residual.double()
+    return layer_norm(y, ln_weight.double(), ln_bias.double(), eps).float()
+
+
+def int8_linear_residual_layernorm_quantize(
+    q: Tensor,
+    scale: Tensor,
+    zp: Tensor,
+    weight_q: Tensor,
+    weight_scale: Tensor,
+    weight_sum: Tensor,
+    bias: Tensor | None,
+    residual: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    eps: float,
+    smooth_inv: Tensor | None = None,
+    packed: Any = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, q, scale, zp): ``int8_linear_residual_layernorm``'s output and its quantized form for the next GEMM."""
+    y = int8_linear_residual_layernorm(
+        q, scale, zp, weight_q, weight_scale, weight_sum, bias, residual, ln_weight, ln_bias, eps
+    )
+    return (y, *int8_quantize(y, smooth_inv))
+
+
+def int8_info() -> str:
+    """How int8 GEMMs run on this backend: exact float64 products of the integers."""
+    return "reference"

@@ -188,10 +188,15 @@ class SentenceEncoder(_TextModel):
         max_seq_length: int | None = None,
         truncate_dim: int | None = None,
         similarity_fn_name: str | None = None,
+        quantize: str | None = None,
+        calibration: Any = None,
+        keep: tuple[str, ...] = (),
     ) -> SentenceEncoder:
         """Load a sentence-transformers folder, a plain transformers folder, or a hub id (downloaded only when
         ``path_or_hub_id`` is not a local folder). ``max_seq_length`` overrides ``sentence_bert_config.json``;
-        ``truncate_dim`` and ``similarity_fn_name`` are SentenceTransformer's arguments of the same names."""
+        ``truncate_dim`` and ``similarity_fn_name`` are SentenceTransformer's arguments of the same names.
+        ``quantize="int8"``: int8 inference on the CPU (``fastbert.quantize``), optionally calibrated on
+        ``calibration`` texts; ``keep`` names encoder linears left in float32."""
         root = _resolve_folder(path_or_hub_id)
         transformer_dir, pooling, after, st_config = _read_modules(root)
         st_model_config = read_json_if_exists(os.path.join(root, "config_sentence_transformers.json"))
@@ -203,6 +208,9 @@ class SentenceEncoder(_TextModel):
             backend,
             max_length=max_seq_length if max_seq_length is not None else st_config.get("max_seq_length"),
             lowercase=bool(st_config.get("do_lower_case", False)),
+            quantize=quantize,
+            calibration=calibration,
+            keep=keep,
         )
         prompts = {k: v for k, v in (st_model_config.get("prompts") or {}).items() if isinstance(v, str)}
         default = st_model_config.get("default_prompt_name")

@@ -71,8 +71,15 @@ def _load(
     backend: str,
     max_length: int | None,
     lowercase: bool = False,
+    quantize: str | None = None,
+    calibration: Any = None,
+    keep: tuple[str, ...] = (),
 ) -> tuple[torch.nn.Module, TextTokenizer]:
-    """The model of ``folder`` (eval mode) and its tokenizer, truncating at the model's own length limit."""
+    """The model of ``folder`` (eval mode) and its tokenizer, truncating at the model's own length limit;
+    ``quantize`` / ``calibration`` / ``keep``: ``fastbert.quantize.quantize_`` (texts tokenized as encode does)."""
+    from . import quantize as _quantize
+
+    _quantize.check_mode(quantize)
     model = model_class.from_pretrained(folder, device=device, dtype=_parse_dtype(dtype), backend=backend)
     model.eval()
     tokenizer = TextTokenizer.from_folder(
@@ -82,6 +89,8 @@ def _load(
         lowercase=lowercase,
         pad_token_id=getattr(model.config, "pad_token_id", None),
     )
+    if quantize is not None:
+        _quantize.quantize_(model, quantize, calibration, keep, tokenizer=_quantize.text_tokenizer(tokenizer))
     return model, tokenizer
 
 
