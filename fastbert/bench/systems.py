@@ -94,6 +94,8 @@ class FastbertSystem(System):
         actual = self.model.backend.name
         if actual != self.backend:
             raise RuntimeError(f"asked for backend {self.backend!r} but the model runs {actual!r}")
+        if dtype == INT8 and getattr(self.model, "quantization", None) is None:
+            raise RuntimeError("quantize='int8' gave a float model (no .quantization)")
 
     def run(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         with torch.inference_mode():
