@@ -98,6 +98,12 @@ def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cpu)")
     parser.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the model's)")
     parser.add_argument("--backend", default="auto", help="auto | torch | cpp | triton")
+    parser.add_argument(
+        "--quantize",
+        choices=["int8"],
+        default=None,
+        help="int8: the encoder's linears run int8 GEMMs (CPU only; SentenceEncoder quantize='int8')",
+    )
     parser.add_argument("--normalize", action="store_true", help="L2-normalize the vectors")
     parser.add_argument("--prompt-name", default=None, help="a prompt of the model (e.g. query)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -146,9 +152,11 @@ def run_embed(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"{prog}: cannot read input {args.input!r}: {exc}", file=sys.stderr)
         return 2
+    quantize = getattr(args, "quantize", None)
+    extra = {} if quantize is None else {"quantize": quantize}  # only when asked: a build without int8 still embeds
     try:
         encoder = SentenceEncoder.from_pretrained(
-            args.model, device=args.device, dtype=args.dtype, backend=args.backend
+            args.model, device=args.device, dtype=args.dtype, backend=args.backend, **extra
         )
     except Exception as exc:
         print(f"{prog}: cannot load model {args.model!r}: {type(exc).__name__}: {exc}", file=sys.stderr)
