@@ -847,10 +847,12 @@ static void quantize_rows(int64_t r0, int64_t r1, int64_t n, const float* x, int
   for (int64_t r = r0; r < r1; ++r) {
     const float* xr = x + r * sx;
     uint8_t* qr = q + r * sq;
-    // 16 independent lanes of min, max and "v - v" (0 when finite, NaN for NaN or +-inf), so the loop vectorizes
-    // without reassociation; a NaN fails every compare, hence the separate finiteness lane.
-    float lo16[16], hi16[16], bad16[16];
-    for (int k = 0; k < 16; ++k) lo16[k] = hi16[k] = bad16[k] = 0.f;
+    // Min, max and "v - v" (0 when finite, NaN for NaN or +-inf) in 8-float vector lanes (GCC/Clang vector
+    // extensions: vminps-like blends, no reassociation needed); a NaN fails every compare, hence the finiteness
+    // lane.
+    typedef float f8 __attribute__((vector_size(32)));
+    f8 lo8 = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, hi8 = lo8, bad8 = lo8;
+    float lo1 = 0.f, hi1 = 0.f, bad1 = 0.f;
     for (int64_t c0 = 0; c0 < n; c0 += kQuantBlock) {
       const int64_t m = n - c0 < kQuantBlock ? n - c0 : kQuantBlock;
       if (smooth_inv != nullptr) {
@@ -859,25 +861,25 @@ static void quantize_rows(int64_t r0, int64_t r1, int64_t n, const float* x, int
         for (int64_t i = 0; i < m; ++i) buf[i] = xr[c0 + i];
       }
       int64_t i = 0;
-      for (; i + 16 <= m; i += 16)
-        for (int k = 0; k < 16; ++k) {
-          const float v = buf[i + k];
-          lo16[k] = v < lo16[k] ? v : lo16[k];
-          hi16[k] = v > hi16[k] ? v : hi16[k];
-          bad16[k] += v - v;
-        }
+      for (; i + 8 <= m; i += 8) {
+        f8 v;
+        __builtin_memcpy(&v, buf + i, sizeof v);
+        lo8 = v < lo8 ? v : lo8;
+        hi8 = v > hi8 ? v : hi8;
+        bad8 += v - v;
+      }
       for (; i < m; ++i) {
         const float v = buf[i];
-        lo16[0] = v < lo16[0] ? v : lo16[0];
-        hi16[0] = v > hi16[0] ? v : hi16[0];
-        bad16[0] += v - v;
+        lo1 = v < lo1 ? v : lo1;
+        hi1 = v > hi1 ? v : hi1;
+        bad1 += v - v;
       }
     }
-    float lo = 0.f, hi = 0.f, bad = 0.f;
-    for (int k = 0; k < 16; ++k) {
-      lo = lo16[k] < lo ? lo16[k] : lo;
-      hi = hi16[k] > hi ? hi16[k] : hi;
-      bad += bad16[k];
+    float lo = lo1, hi = hi1, bad = bad1;
+    for (int k = 0; k < 8; ++k) {
+      lo = lo8[k] < lo ? lo8[k] : lo;
+      hi = hi8[k] > hi ? hi8[k] : hi;
+      bad += bad8[k];
     }
     float s = (hi - lo) / 255.f;
     if (!(bad == 0.f) || !(s < __builtin_inff())) {
@@ -898,7 +900,7 @@ static void quantize_rows(int64_t r0, int64_t r1, int64_t n, const float* x, int
         for (int64_t i = 0; i < m; ++i) buf[i] = xr[c0 + i];
       }
       for (int64_t i = 0; i < m; ++i)
-        qr[c0 + i] = static_cast<uint8_t>(clamp_0_255(__builtin_rintf(buf[i] * inv) + z));
+        qr[c0 + i] = static_cast<uint8_t>(static_cast<int32_t>(clamp_0_255(__builtin_rintf(buf[i] * inv) + z)));
     }
   }
 }

@@ -33,7 +33,22 @@ def _info(args: argparse.Namespace) -> int:
     for name in ops.BACKENDS:
         reason = ops.unavailable_reason(name)
         print(f"  {name:<7} {'available' if reason is None else 'unavailable: ' + reason}")
+    print(f"int8         {_int8_kind()}")
     return 0
+
+
+def _int8_kind() -> str:
+    """How quantize='int8' runs its GEMMs here (the cpp backend's run-time probe, fastbert.quantize)."""
+    from . import _cpp
+
+    if _cpp.UNAVAILABLE_REASON is not None:
+        return "torch backend only (float64 reference GEMMs; slow): the C++ extension is not loadable"
+    kind = _cpp.int8_info()
+    return {
+        "onednn": "oneDNN u8 x s8 GEMMs, 8-bit weights (VNNI / AMX or exact pair sums)",
+        "onednn-7bit": "oneDNN u8 x s8 GEMMs, 7-bit weights (this CPU's kernel saturates int16 pair sums: no VNNI)",
+        "reference": "no oneDNN int8 GEMM in this torch: float64 reference GEMMs (correct, slow)",
+    }.get(kind, kind)
 
 
 def _extension_build() -> str:

@@ -15,6 +15,13 @@ def test_info_lists_backends():
     ).stdout
     assert "torch" in out and "backends:" in out
     assert "available" in out
+    from fastbert import _cpp
+
+    if _cpp.UNAVAILABLE_REASON is None:  # the int8 GEMM kind found by the run-time probe
+        bits = (
+            "7-bit" if _cpp.int8_info() == "onednn-7bit" else ("8-bit" if _cpp.int8_info() == "onednn" else "float64")
+        )
+        assert "int8" in out and bits in out
 
 
 def test_info_says_which_torch_the_extension_was_built_for():
