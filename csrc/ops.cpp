@@ -1046,12 +1046,10 @@ static void quantize_block(const Kernels& k, int64_t r0, int64_t r1, const at::T
 
 // Raises when a row could not be quantized (NaN or infinity in the values, or a range past float32).
 static void check_quantized_rows(const at::Tensor& scale, const char* what) {
-  if (scale.numel() == 0) return;
-  const at::Tensor bad = at::isnan(scale);
-  if (!bad.any().item<bool>()) return;
-  const int64_t row = bad.nonzero()[0][0].item<int64_t>();
-  TORCH_CHECK(false, "fastbert: int8 quantization of ", what, ": row ", row,
-              " holds a NaN or an infinity (or a range past float32), which int8 cannot represent");
+  const float* s = scale.data_ptr<float>();  // contiguous, written by quantize_rows
+  for (int64_t row = 0; row < scale.numel(); ++row)
+    TORCH_CHECK(s[row] == s[row], "fastbert: int8 quantization of ", what, ": row ", row,
+                " holds a NaN or an infinity (or a range past float32), which int8 cannot represent");
 }
 
 static std::tuple<at::Tensor, at::Tensor, at::Tensor> new_quantized(int64_t rows, int64_t n) {
@@ -1084,8 +1082,10 @@ static at::Tensor int8_linear_core(const at::Tensor& q_in, const at::Tensor& sca
                                    After&& after) {
   check_quantized(q_in, scale, zp);
   check_int8_weight(q_in, wq, ws, wsum, bias, packed);
-  TORCH_CHECK(zp.numel() == 0 || (zp.min().item<int32_t>() >= 0 && zp.max().item<int32_t>() <= 255),
-              "fastbert: zp values must lie in [0, 255]");
+  const at::Tensor zp_rows = zp.contiguous();
+  const int32_t* zpv = zp_rows.data_ptr<int32_t>();
+  for (int64_t r = 0; r < zp_rows.numel(); ++r)
+    TORCH_CHECK(zpv[r] >= 0 && zpv[r] <= 255, "fastbert: zp values must lie in [0, 255], got ", zpv[r], " in row ", r);
   const int64_t rows = q_in.size(0), n = wq.size(0);
   if (rows == 0) return at::empty({0, n}, at::TensorOptions().dtype(at::kFloat));
   // The GEMM gives the integer sums (weight scale 1): the scales are applied after the zero-point correction.
