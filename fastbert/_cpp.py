@@ -390,7 +390,10 @@ if UNAVAILABLE_REASON is None:
 
     @_fake("int8_prepack")
     def _int8_prepack_fake(weight_q):
-        return torch.empty_like(weight_q)
+        # oneDNN's packed form is shaped (in_features, out_features); without oneDNN it is weight_q itself
+        if _ops.int8_info() == "reference" or weight_q.shape[1] == 0:
+            return torch.empty_like(weight_q)
+        return weight_q.new_empty((weight_q.shape[1], weight_q.shape[0]))
 
     @_fake("int8_linear")
     def _int8_linear_fake(q, scale, zp, weight_q, weight_scale, weight_sum, bias, act=None, packed=None):
@@ -426,6 +429,28 @@ if UNAVAILABLE_REASON is None:
     ):
         y = q.new_empty((q.shape[0], weight_q.shape[0]), dtype=torch.float32)
         return (y, *_quantized_fake(q.shape[0], weight_q.shape[0], q))
+
+    def _refuse_int8_gradient(name: str) -> None:
+        """int8 ops are inference only: backpropagating through one raises instead of returning no gradient."""
+
+        def setup(ctx, inputs, output):
+            pass
+
+        def backward(ctx, *grads):
+            raise RuntimeError(
+                f"fastbert::{name} has no gradient: int8 (quantize='int8') is for inference only; train the float model"
+            )
+
+        _autograd(name)((setup, backward))
+
+    for _name in (
+        "int8_quantize",
+        "int8_linear",
+        "int8_linear_quantize",
+        "int8_linear_residual_layernorm",
+        "int8_linear_residual_layernorm_quantize",
+    ):
+        _refuse_int8_gradient(_name)
 
     int8_quantize = _ops.int8_quantize
     int8_prepack = _ops.int8_prepack

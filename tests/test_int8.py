@@ -214,6 +214,68 @@ def test_int8_linear_empty_and_bad_inputs():
         )
 
 
+def _int8_opcheck_cases():
+    q, s, z = ops.int8_quantize(_rows(9, 48, seed=5))
+    wq, ws, wsum, b = _weight(24, 48, seed=5)
+    res, lw, lb = torch.randn(9, 24), torch.ones(24), torch.zeros(24)
+    sm24 = torch.rand(24) + 0.5
+    packed = ops.int8_prepack(wq)
+    return [
+        ("int8_quantize", ops.int8_quantize, (_rows(9, 48, seed=6), torch.rand(48) + 0.5)),
+        ("int8_prepack", ops.int8_prepack, (wq,)),
+        ("int8_linear", ops.int8_linear, (q, s, z, wq, ws, wsum, b, "gelu", packed)),
+        ("int8_linear_quantize", ops.int8_linear_quantize, (q, s, z, wq, ws, wsum, b, "gelu", sm24, None)),
+        (
+            "int8_linear_residual_layernorm",
+            ops.int8_linear_residual_layernorm,
+            (q, s, z, wq, ws, wsum, b, res, lw, lb, 1e-5, packed),
+        ),
+        (
+            "int8_linear_residual_layernorm_quantize",
+            ops.int8_linear_residual_layernorm_quantize,
+            (q, s, z, wq, ws, wsum, b, res, lw, lb, 1e-5, sm24, None),
+        ),
+    ]
+
+
+def test_every_int8_op_has_an_opcheck_case():
+    names = {
+        n.removeprefix("fastbert::") for n in torch._C._dispatch_get_all_op_names() if n.startswith("fastbert::int8_")
+    }
+    assert names - {"int8_info"} == {c[0] for c in _int8_opcheck_cases()}
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_int8_opcheck(case):
+    name, op, args = _int8_opcheck_cases()[case]
+    # packed oneDNN weights are opaque MkldnnCPU tensors: the fake-tensor checks take the plain weight instead
+    args = tuple(None if isinstance(a, torch.Tensor) and a.is_mkldnn else a for a in args)
+    # int8_prepack returns an opaque MkldnnCPU tensor (strides (1, 0)) whose metadata no fake can mirror: its fake
+    # gives the shape only, checked here by hand
+    utils = ("test_schema",) if name == "int8_prepack" else ("test_schema", "test_faketensor")
+    torch.library.opcheck(op, args, test_utils=utils)
+    if name == "int8_prepack":
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode() as mode:
+            fake = op(mode.from_tensor(args[0]))
+        assert fake.shape == op(*args).shape
+
+
+def test_int8_ops_refuse_gradients():
+    x = _rows(4, 16, seed=7).requires_grad_()
+    q, s, z = ops.int8_quantize(x)
+    with pytest.raises(RuntimeError, match="int8 .* is for inference only"):
+        s.sum().backward()
+    wq, ws, wsum, b = _weight(16, 16, seed=7)
+    res = torch.randn(4, 16, requires_grad=True)
+    y = ops.int8_linear_residual_layernorm(
+        *ops.int8_quantize(x.detach()), wq, ws, wsum, b, res, torch.ones(16), torch.zeros(16), 1e-5
+    )
+    with pytest.raises(RuntimeError, match="has no gradient"):
+        y.sum().backward()
+
+
 def test_quantize_weight():
     w = torch.randn(10, 50)
     w[3] = 0
