@@ -341,20 +341,25 @@ if UNAVAILABLE_REASON is None:
 
     _autograd("attention_with_lse")((_attention_with_lse_setup, _attention_with_lse_backward))
 
-    def _refuse_double_backward(name: str) -> None:
-        """The backward ops have no gradient of their own: differentiating through one (double backward,
-        ``create_graph=True``) raises at backward time instead of returning a silently wrong gradient."""
+    def _refuse_gradient(name: str, why: str) -> None:
+        """An op without a gradient of its own: differentiating through it raises at backward time (``why``)
+        instead of returning a silently wrong or missing gradient."""
 
         def setup(ctx, inputs, output):
             pass
 
         def backward(ctx, *grads):
-            raise RuntimeError(
-                f"fastbert::{name} has no gradient: double backward (create_graph=True) through the cpp backend's "
-                "ops is not supported; use backend='torch' for higher-order gradients"
-            )
+            raise RuntimeError(f"fastbert::{name} has no gradient: {why}")
 
         _autograd(name)((setup, backward))
+
+    def _refuse_double_backward(name: str) -> None:
+        """The backward ops: double backward (``create_graph=True``) through them raises."""
+        _refuse_gradient(
+            name,
+            "double backward (create_graph=True) through the cpp backend's ops is not supported; use "
+            "backend='torch' for higher-order gradients",
+        )
 
     for _name in (
         "attention_backward",
@@ -430,19 +435,6 @@ if UNAVAILABLE_REASON is None:
         y = q.new_empty((q.shape[0], weight_q.shape[0]), dtype=torch.float32)
         return (y, *_quantized_fake(q.shape[0], weight_q.shape[0], q))
 
-    def _refuse_int8_gradient(name: str) -> None:
-        """int8 ops are inference only: backpropagating through one raises instead of returning no gradient."""
-
-        def setup(ctx, inputs, output):
-            pass
-
-        def backward(ctx, *grads):
-            raise RuntimeError(
-                f"fastbert::{name} has no gradient: int8 (quantize='int8') is for inference only; train the float model"
-            )
-
-        _autograd(name)((setup, backward))
-
     for _name in (
         "int8_quantize",
         "int8_linear",
@@ -450,7 +442,7 @@ if UNAVAILABLE_REASON is None:
         "int8_linear_residual_layernorm",
         "int8_linear_residual_layernorm_quantize",
     ):
-        _refuse_int8_gradient(_name)
+        _refuse_gradient(_name, "int8 (quantize='int8') is for inference only; train the float model")
 
     int8_quantize = _ops.int8_quantize
     int8_prepack = _ops.int8_prepack
