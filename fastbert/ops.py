@@ -182,6 +182,24 @@ class Backend(BackendOps):
     def __repr__(self) -> str:
         return f"Backend({self.name!r})"
 
+    # A Backend is a table of functions: copies of a model (copy.deepcopy, pickling the whole module) share it,
+    # and unpickling looks the backend up again by name, where it must be available.
+    def __deepcopy__(self, memo: dict) -> Backend:
+        return self
+
+    def __reduce__(self):
+        return _backend_named, (self.name,)
+
+
+def _backend_named(name: str) -> Backend:
+    """The backend called ``name`` (unpickling); raises BackendUnavailable if it cannot be loaded here."""
+    if name == "torch":
+        return Backend("torch", reference)
+    module, reason = _import(name)
+    if module is None:
+        raise BackendUnavailable(f"backend {name!r} is not available: {reason}")
+    return Backend(name, module)
+
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
