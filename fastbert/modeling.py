@@ -26,15 +26,24 @@ from .pretrained import PreTrainedMixin
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _version(t: Tensor) -> int:
+    """The version counter of ``t`` (bumped by every tracked in-place write); -1 for an inference tensor, which
+    has none (it can be written in place only inside inference_mode, where such a write is not seen)."""
+    return -1 if t.is_inference() else t._version
+
+
 class Linear(nn.Module):
     """y = act(x @ W.T + b) and LayerNorm(x @ W.T + b + residual) through the backend's fused epilogues.
 
     The weight is read where it lives, on every call: there is no derived copy that a write through ``.data``
     (PEFT's LoRA merge, pruning, weight tying; ``.data`` writes do not bump the version counter) could leave
     stale. The cost, measured on a quiet 2-core AMD EPYC (AVX2): oneDNN then reorders the weight on every call,
-    17-27% slower at (1,32) and ~20% on MiniLM's var-len batch, 0-7% at (8,128) (benchmarks/results/ab-trees.md;
-    an earlier A/B on a loaded host had shown only 1-6%). An explicit frozen inference mode that keeps only the
-    prepacked form would win it back (open).
+    17-27% slower at (1,32) and ~20% on MiniLM's var-len batch, 0-7% at (8,128) (benchmarks/results/ab-trees.md).
+    ``AutoModel.freeze()`` (inference) wins it back: a frozen Linear keeps the backend's prepacked form of its
+    weight (``ops.prepack_linear``), keyed on the weight's storage, version counter, dtype and shape, so every
+    tracked write (optimizer steps, ``torch.no_grad()`` in-place updates, ``load_state_dict``, re-pointing
+    ``.data``) repacks it on the next call; only in-place writes through ``.data`` (which bypass the version
+    counter) are not seen, as ``freeze()`` documents.
 
     ``Linear.fused(parts)`` (for ``fastbert.optimize``): the row-concatenation of other modules' (weight, bias)
     parameters, e.g. transformers' Q, K and V. Those parameters become views of one fused tensor, so every write
@@ -48,6 +57,8 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self._parts: list[tuple[Tensor, Tensor | None]] | None = None
         self._fused: tuple[Tensor, Tensor | None] | None = None
+        self.frozen = False  # AutoModel.freeze(): keep the prepacked weight between calls
+        self._pack: tuple[tuple, Any] | None = None  # (key, packed) while frozen
 
     @classmethod
     def fused(cls, parts: list[tuple[Tensor, Tensor | None]]) -> Linear:
@@ -58,13 +69,17 @@ class Linear(nn.Module):
         self.register_parameter("bias", None)
         self._parts = list(parts)
         self._fused = None
+        self.frozen = False
+        self._pack = None
         return self
 
     def _fuse(self) -> tuple[Tensor, Tensor | None]:
         """Concatenate the parts' current values and make each part a view of the result."""
         weights = [w for w, _ in self._parts]
         biases = [b for _, b in self._parts]
-        with torch.no_grad():
+        # (never inference tensors, even when the first call runs under inference_mode: the parts become views
+        # of these, and the model must still train afterwards, e.g. after fastbert.restore)
+        with torch.inference_mode(False), torch.no_grad():
             weight = torch.cat([w.detach() for w in weights])
             bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
         rows = [w.shape[0] for w in weights]
@@ -109,13 +124,28 @@ class Linear(nn.Module):
                 bias = _JoinParts.apply(bias, *biases)
         return weight, bias
 
+    def packed(self, weight: Tensor, ops: Backend) -> Any:
+        """The prepacked form of ``weight`` for ``ops`` when frozen (packed on first use, again after any tracked
+        write to the weight), else None. None under autocast too (the GEMM then reads a per-call cast of the
+        weight, not the weight itself) and while torch.compile traces."""
+        if not self.frozen or torch.is_autocast_enabled(weight.device.type) or torch.compiler.is_compiling():
+            return None  # (torch.compile: the graph reads the weight itself; inductor plans its own layouts)
+        # A fused Linear's parts (transformers' Q, K, V Parameters) are views of ``weight`` through ``.data``,
+        # which gives each its own version counter: an in-place write to a part bumps only the part's.
+        parts = tuple(_version(w) for w, _ in self._parts) if self._parts is not None else ()
+        key = (ops.name, weight.data_ptr(), _version(weight), parts, weight.dtype, tuple(weight.shape), weight.device)
+        if self._pack is None or self._pack[0] != key:
+            self._pack = None  # the old pack is freed before the new one is made
+            self._pack = (key, ops.prepack_linear(weight))
+        return self._pack[1]
+
     def forward(self, x: Tensor, ops: Backend, act: str | None = None) -> Tensor:
         weight, bias = self.resolved()
         if self.training and act is not None:
             # Training: the activation as its own op, whose backward reads the saved GEMM output (the fused
             # epilogue would have to recompute the GEMM in backward).
             return ops.bias_activation(ops.linear(x, weight, bias), None, act)
-        return ops.linear(x, weight, bias, act)
+        return ops.linear(x, weight, bias, act, self.packed(weight, ops))
 
     def residual_layernorm(
         self, x: Tensor, residual: Tensor, norm: nn.LayerNorm, ops: Backend, dropout: float = 0.0
@@ -130,7 +160,13 @@ class Linear(nn.Module):
                 else ops.linear(x, weight, bias)
             )
             return ops.add_layernorm(h, residual, norm.weight, norm.bias, norm.eps)
-        return ops.linear_residual_layernorm(x, weight, bias, residual, norm.weight, norm.bias, norm.eps)
+        return ops.linear_residual_layernorm(
+            x, weight, bias, residual, norm.weight, norm.bias, norm.eps, self.packed(weight, ops)
+        )
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        return {**state, "_pack": None}  # copies (deepcopy, pickle) pack again on first use
 
     def extra_repr(self) -> str:
         parts = self._parts or [(self.weight, self.bias)]
@@ -310,9 +346,46 @@ class AutoModel(PreTrainedMixin, nn.Module):
             raise NotImplementedError(
                 "an int8 model (quantize='int8') is for inference only: train the float32 model, then quantize it"
             )
+        if mode and self.frozen:
+            raise NotImplementedError("this model is frozen for inference (freeze()): call unfreeze() to train it")
         if mode and not self.backend.trains:
             raise NotImplementedError(training_unsupported(self.backend))
         return super().train(mode)
+
+    #: whether ``freeze()`` is in effect
+    frozen: bool = False
+
+    def freeze(self) -> AutoModel:
+        """Inference mode that keeps every linear weight prepacked for the backend's GEMM; returns ``self``.
+
+        Puts the model in ``eval()``; ``train()`` then raises until ``unfreeze()``. Outputs are unchanged. What it
+        buys: the cpp backend's oneDNN GEMMs read a weight already in their blocked layout instead of reordering
+        it on every call, which matters most for small batches (batch 1, short texts), where streaming the weights
+        is most of the work (benchmarks/results/). The packed copies take as much memory again as the linear
+        weights.
+
+        Weights may still change while frozen: an optimizer step, an in-place update under ``torch.no_grad()``,
+        ``load_state_dict`` or re-pointing ``param.data`` is seen (the weight's version counter or storage
+        changes) and repacked on the next call, as are ``.to()`` and ``set_backend``. A write *in place through
+        ``.data``* (``p.data += delta``, ``p.data.copy_(w)``) bypasses the version counter and is not seen: call
+        ``freeze()`` again after such writes (each call drops the packs, which are made again on first use).
+        """
+        self.train(False)
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.frozen = True
+                module._pack = None
+        self.frozen = True
+        return self
+
+    def unfreeze(self) -> AutoModel:
+        """Undo ``freeze()``: the packed weights are dropped and the model can train again; returns ``self``."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.frozen = False
+                module._pack = None
+        self.frozen = False
+        return self
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Recompute each layer's activations in backward instead of keeping them (transformers' method and name).

@@ -147,7 +147,12 @@ def _fast_forward(self, *args, **kwargs):
 
 
 def optimize(
-    model: nn.Module, backend: str = "auto", quantize: str | None = None, calibration: Any = None, keep=()
+    model: nn.Module,
+    backend: str = "auto",
+    quantize: str | None = None,
+    calibration: Any = None,
+    keep=(),
+    freeze: bool = False,
 ) -> nn.Module:
     """Make a BERT-family model run on fastbert's fused, padding-free path; returns the same object.
 
@@ -160,6 +165,10 @@ def optimize(
     weights; the transformers parameters stay as they are, for ``restore``). Inference only: ``model.train()``
     then raises. ``calibration`` (batches, or texts for a sentence-transformers model, tokenized with its
     tokenizer) and ``keep`` are ``quantize_``'s arguments.
+
+    ``freeze=True``: inference with the linear weights kept prepacked for the backend's GEMM (``AutoModel.freeze``:
+    fastest at small batches; in-place writes through ``param.data`` need another ``optimize`` after ``restore``).
+    Takes a model in eval() mode; ``model.train()`` then raises until ``restore``.
     """
     from . import quantize as _quantize
 
@@ -173,26 +182,38 @@ def optimize(
                 pending.append((base, _shared_encoder(base, backend)))
             except UnsupportedModelError as exc:
                 raise NotOptimizableError(f"optimize(): {exc}. fastbert optimises {SUPPORTED}") from exc
-    if quantize is not None:
-        for base, enc in pending:
+    inference_only = "quantize='int8'" if quantize is not None else "freeze=True" if freeze else None
+    if inference_only is not None:
+        for base, _ in pending:
             if base.training:
-                raise ValueError("optimize(quantize='int8') takes a model in eval() mode (int8 is inference only)")
+                raise ValueError(f"optimize({inference_only}) takes a model in eval() mode (it is inference only)")
+    for _base, enc in pending:
+        if inference_only is not None:
             enc.eval()
+        if quantize is not None:
             _quantize.quantize_(enc, quantize, calibration, keep, tokenizer=tokenizer)
+        if freeze:
+            enc.freeze()
     for base, enc in pending:  # every model checked before any is changed
         object.__setattr__(base, _ATTR, enc)  # not a submodule: stays out of state_dict / save_pretrained
         base.forward = types.MethodType(_fast_forward, base)
-        if quantize is not None:
+        if inference_only is not None:
             base.train = types.MethodType(_inference_only_train, base)
+            base.__dict__[_INFERENCE_ONLY] = inference_only
     return model
 
 
+_INFERENCE_ONLY = "_fastbert_inference_only"
+
+
 def _inference_only_train(self, mode: bool = True):
-    """``train()`` of a transformers model optimised with ``quantize="int8"``: eval() works, train() raises."""
+    """``train()`` of a transformers model optimised for inference only (``quantize="int8"``, ``freeze=True``):
+    eval() works, train() raises."""
     if mode:
+        why = self.__dict__.get(_INFERENCE_ONLY, "for inference only")
         raise NotImplementedError(
-            "this model was optimised with quantize='int8', which is for inference only: fastbert.restore(model) "
-            "gives back the float model to train"
+            f"this model was optimised with {why}, which is for inference only: fastbert.restore(model) gives back "
+            "the transformers model to train"
         )
     return type(self).train(self, False)
 
@@ -213,6 +234,7 @@ def restore(model: nn.Module) -> nn.Module:
         base.__dict__.pop(_ATTR, None)
         base.__dict__.pop("forward", None)
         base.__dict__.pop("train", None)
+        base.__dict__.pop(_INFERENCE_ONLY, None)
     return model
 
 

@@ -61,7 +61,10 @@ class QuantizedLinear(nn.Module):
         return self.weight_q.shape[0]
 
     def packed(self, ops) -> Any:
-        """oneDNN's packed weight for backend ``ops``, packed once (again if ``weight_q`` was replaced or written)."""
+        """oneDNN's packed weight for backend ``ops``, packed once (again if ``weight_q`` was replaced or written);
+        None while torch.compile traces (the op then reads ``weight_q`` as it is)."""
+        if torch.compiler.is_compiling():
+            return None
         key = (ops.name, self.weight_q.data_ptr(), self.weight_q._version, tuple(self.weight_q.shape))
         if self._packed is None or self._packed[0] != key:
             self._packed = (key, ops.int8_prepack(self.weight_q))
@@ -295,7 +298,7 @@ def linear(lin, x, xq, ops, act=None, then=None) -> tuple[Tensor | None, Quantiz
             return None, ops.int8_linear_quantize(*args, act, _smooth(then), lin.packed(ops))
         return ops.int8_linear(*args, act, lin.packed(ops)), None
     weight, bias = lin.resolved()
-    y = ops.linear(x, weight, bias, act)
+    y = ops.linear(x, weight, bias, act, lin.packed(weight, ops))  # a kept float Linear (keep=...)
     return y, (ops.int8_quantize(y, _smooth(then)) if _wants_int8(then) else None)
 
 
@@ -319,7 +322,9 @@ def residual_layernorm(lin, x, xq, residual, norm, ops, then=None) -> tuple[Tens
             return y, tuple(yq)
         return ops.int8_linear_residual_layernorm(*args, lin.packed(ops)), None
     weight, bias = lin.resolved()
-    y = ops.linear_residual_layernorm(x, weight, bias, residual, norm.weight, norm.bias, norm.eps)
+    y = ops.linear_residual_layernorm(
+        x, weight, bias, residual, norm.weight, norm.bias, norm.eps, lin.packed(weight, ops)
+    )
     return y, (ops.int8_quantize(y, _smooth(then)) if _wants_int8(then) else None)
 
 

@@ -75,8 +75,9 @@ def _load(
     calibration: Any = None,
     keep: tuple[str, ...] = (),
 ) -> tuple[torch.nn.Module, TextTokenizer]:
-    """The model of ``folder`` (eval mode) and its tokenizer, truncating at the model's own length limit;
-    ``quantize`` / ``calibration`` / ``keep``: ``fastbert.quantize.quantize_`` (texts tokenized as encode does)."""
+    """The model of ``folder`` (frozen for inference: ``AutoModel.freeze``) and its tokenizer, truncating at the
+    model's own length limit; ``quantize`` / ``calibration`` / ``keep``: ``fastbert.quantize.quantize_`` (texts
+    tokenized as encode does)."""
     from . import quantize as _quantize
 
     _quantize.check_mode(quantize)
@@ -91,6 +92,7 @@ def _load(
     )
     if quantize is not None:
         _quantize.quantize_(model, quantize, calibration, keep, tokenizer=_quantize.text_tokenizer(tokenizer))
+    model.freeze()  # text in, vectors out: inference only, weights prepacked once (AutoModel.freeze)
     return model, tokenizer
 
 

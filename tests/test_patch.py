@@ -85,3 +85,22 @@ def test_optimize_refuses_unsupported_families_with_a_type_error():
         with pytest.raises(kind, match="gpt2.*SentenceTransformer"):
             fastbert.optimize(gpt2)
     assert not is_optimized(gpt2)
+
+
+def test_trains_after_first_call_under_inference_mode():
+    # The fused QKV is built on the first call; built under inference_mode it used to be an inference tensor that
+    # transformers' Q, K, V Parameters became views of, and every later backward failed (optimised or restored).
+    hf = make_hf_model("bert", "sequence-classification", hidden=48, heads=3)
+    fastbert.optimize(hf)
+    ids, mask = random_batch("bert", [5, 3])
+    labels = torch.tensor([0, 1])
+    with torch.inference_mode():
+        hf(input_ids=ids, attention_mask=mask)
+    hf.train()
+    hf(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    q = hf.bert.encoder.layer[0].attention.self.query.weight
+    assert not q.is_inference() and q.grad is not None and q.grad.abs().sum() > 0
+    fastbert.restore(hf)
+    hf.zero_grad()
+    hf(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0

@@ -315,6 +315,9 @@ METHOD = """\
 - tokens/s counts real tokens (not padding). TFLOP/s uses one count for every system:
   2 L T (4 H^2 + 2 H I) + 4 L H sum(s_i^2) over the real tokens T and sequence lengths s_i (no padding, no
   embeddings/LayerNorm/softmax/pooler).
+- fastbert systems run the model frozen for inference (`AutoModel.freeze()`: linear weights prepacked once for the
+  backend's GEMM, as `SentenceEncoder` runs); `compile-fastbert-<backend>` is that model under
+  `torch.compile(dynamic=True, fullgraph=True)`, which reads the plain weights (inductor plans its own layouts).
 - max abs err: max |h - h_ref| over valid tokens, h_ref = transformers eager in fp32 on the same device.
 - Threads: torch.set_num_threads({threads}); ONNX Runtime intra-op {threads} / inter-op 1 with spinning off; OpenVINO
   INFERENCE_NUM_THREADS {threads}. ONNX export: TorchScript exporter, opset 17, dynamic batch and sequence axes;

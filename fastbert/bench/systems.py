@@ -63,9 +63,13 @@ class System:
 
 
 class FastbertSystem(System):
-    def __init__(self, backend: str):
+    """fastbert on one backend, frozen for inference (``AutoModel.freeze``: weights prepacked once, as
+    ``SentenceEncoder`` runs), optionally under ``torch.compile`` (``compile-fastbert-<backend>``)."""
+
+    def __init__(self, backend: str, compile: bool = False):
         self.backend = backend
-        self.name = f"fastbert-{backend}"
+        self.compile = compile
+        self.name = f"compile-fastbert-{backend}" if compile else f"fastbert-{backend}"
 
     def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
         try:
@@ -90,12 +94,14 @@ class FastbertSystem(System):
         self.model = fastbert.AutoModel.from_pretrained(
             model.path, device=device, dtype=model_dtype(dtype), backend=self.backend, **extra
         )
-        self.model.eval()
+        self.model.freeze()
         actual = self.model.backend.name
         if actual != self.backend:
             raise RuntimeError(f"asked for backend {self.backend!r} but the model runs {actual!r}")
         if dtype == INT8 and getattr(self.model, "quantization", None) is None:
             raise RuntimeError("quantize='int8' gave a float model (no .quantization)")
+        if self.compile:
+            self.model = torch.compile(self.model, dynamic=True, fullgraph=True)
 
     def run(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         with torch.inference_mode():
@@ -278,12 +284,16 @@ class OpenVinoSystem(System):
 
 BASELINES = ("hf-eager", "hf-sdpa", "compile-sdpa", "onnxruntime", "onnxruntime-int8", "openvino")
 FASTBERT_BACKENDS = ("torch", "cpp", "triton")
-ALL_SYSTEM_NAMES = tuple(f"fastbert-{b}" for b in FASTBERT_BACKENDS) + BASELINES
+#: fastbert under torch.compile: not in ``fastbert`` / ``all`` (compiling takes minutes), asked for by name
+COMPILED = tuple(f"compile-fastbert-{b}" for b in ("torch", "cpp"))
+ALL_SYSTEM_NAMES = tuple(f"fastbert-{b}" for b in FASTBERT_BACKENDS) + BASELINES + COMPILED
 
 
 def make_system(name: str) -> System:
     if name.startswith("fastbert-") and name[len("fastbert-") :] in FASTBERT_BACKENDS:
         return FastbertSystem(name[len("fastbert-") :])
+    if name in COMPILED:
+        return FastbertSystem(name[len("compile-fastbert-") :], compile=True)
     factories: dict[str, Callable[[], System]] = {
         "hf-eager": lambda: TransformersSystem("eager"),
         "hf-sdpa": lambda: TransformersSystem("sdpa"),
