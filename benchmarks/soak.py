@@ -77,7 +77,8 @@ def worker(args: argparse.Namespace) -> int:
     samples = [{"calls": 0, "rss_mib": round(rss_mib(), 1), "seconds": 0.0}]
     start = time.perf_counter()
     texts_done = 0
-    for i, texts in enumerate(make_calls(vocab, args.calls, seed=args.seed), 1):
+    calls = make_calls(vocab, args.calls, seed=args.seed, max_texts=args.max_texts, max_words=args.max_words)
+    for i, texts in enumerate(calls, 1):
         model.encode(texts, show_progress_bar=False)
         texts_done += len(texts)
         if i % args.sample_every == 0 or i == args.calls:
@@ -114,6 +115,8 @@ def main() -> int:
     ap.add_argument("--sample-every", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-texts", type=int, default=64, help="texts per call: 1 to this many")
+    ap.add_argument("--max-words", type=int, default=300, help="words per text: 1 to this many")
     ap.add_argument("--max-seconds", type=float, default=0, help="stop each system at the first sample after this")
     ap.add_argument("--systems", default="fastbert,sentence-transformers", help=f"comma-separated, of {SYSTEMS}")
     ap.add_argument("--parallel", action="store_true", help="run the systems' subprocesses at the same time")
@@ -142,6 +145,7 @@ def main() -> int:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", s, "--model", args.model]
         cmd += ["--calls", str(args.calls), "--sample-every", str(args.sample_every)]
         cmd += ["--threads", str(args.threads), "--seed", str(args.seed), "--max-seconds", str(args.max_seconds)]
+        cmd += ["--max-texts", str(args.max_texts), "--max-words", str(args.max_words)]
         procs[s] = subprocess.Popen(cmd, env=child_env, stdout=subprocess.PIPE, text=True)
         if not args.parallel:
             results[s] = procs[s].communicate()[0]
@@ -171,6 +175,8 @@ def main() -> int:
         "max_seconds": args.max_seconds,
         "threads": args.threads,
         "seed": args.seed,
+        "max_texts": args.max_texts,
+        "max_words": args.max_words,
         "parallel": args.parallel,
         "wall_seconds": round(time.perf_counter() - started, 1),
         "loadavg_before": load_before,
@@ -199,7 +205,8 @@ def write_markdown(path: str, r: dict) -> None:
         "",
         f"Model {r['model']}, fp32. Up to {r['calls']} `encode` calls per system (`calls` below: those made{limit}), "
         "the same seeded stream for each "
-        f"(seed {r['seed']}): 1-64 texts of 1-300 words per call (truncated at 256 tokens). Each system in its "
+        f"(seed {r['seed']}): 1-{r.get('max_texts', 64)} texts of 1-{r.get('max_words', 300)} words per call "
+        "(truncated at 256 tokens). Each system in its "
         f"own subprocess; RSS after load and 3 warm-up calls (call 0), then every {r['sample_every']} calls.",
         "",
         "| system | calls | texts | RSS start MiB | RSS end MiB | max MiB | growth over the second half MiB |",
