@@ -61,10 +61,11 @@ class QuantizedLinear(nn.Module):
         return self.weight_q.shape[0]
 
     def packed(self, ops) -> Any:
-        """oneDNN's packed weight for backend ``ops``, packed once (again if ``weight_q`` was replaced or written);
-        None while torch.compile traces (the op then reads ``weight_q`` as it is)."""
+        """oneDNN's packed weight for backend ``ops``, packed once (again if ``weight_q`` was replaced or written).
+        While torch.compile traces: the pack made by an eager call, if any (the graph holds it as a constant, so
+        run the model once before compiling it), else None (the op then reads ``weight_q`` as it is)."""
         if torch.compiler.is_compiling():
-            return None
+            return self._packed[1] if self._packed is not None else None
         key = (ops.name, self.weight_q.data_ptr(), self.weight_q._version, tuple(self.weight_q.shape))
         if self._packed is None or self._packed[0] != key:
             self._packed = (key, ops.int8_prepack(self.weight_q))

@@ -64,12 +64,16 @@ class System:
 
 class FastbertSystem(System):
     """fastbert on one backend, frozen for inference (``AutoModel.freeze``: weights prepacked once, as
-    ``SentenceEncoder`` runs), optionally under ``torch.compile`` (``compile-fastbert-<backend>``)."""
+    ``SentenceEncoder`` runs), optionally under ``torch.compile`` (``compile-fastbert-<backend>``); or in plain
+    ``eval()``, weights read (and reordered by oneDNN) on every call (``fastbert-<backend>-unfrozen``)."""
 
-    def __init__(self, backend: str, compile: bool = False):
+    def __init__(self, backend: str, compile: bool = False, freeze: bool = True):
         self.backend = backend
         self.compile = compile
+        self.freeze = freeze
         self.name = f"compile-fastbert-{backend}" if compile else f"fastbert-{backend}"
+        if not freeze:
+            self.name += "-unfrozen"
 
     def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
         try:
@@ -94,13 +98,19 @@ class FastbertSystem(System):
         self.model = fastbert.AutoModel.from_pretrained(
             model.path, device=device, dtype=model_dtype(dtype), backend=self.backend, **extra
         )
-        self.model.freeze()
+        if self.freeze:
+            self.model.freeze()
+        else:
+            self.model.eval()
         actual = self.model.backend.name
         if actual != self.backend:
             raise RuntimeError(f"asked for backend {self.backend!r} but the model runs {actual!r}")
         if dtype == INT8 and getattr(self.model, "quantization", None) is None:
             raise RuntimeError("quantize='int8' gave a float model (no .quantization)")
         if self.compile:
+            with torch.inference_mode():  # one eager call first: an int8 model's packed weights, which the graph keeps
+                ids = torch.ones(1, 4, dtype=torch.long, device=device)
+                self.model(input_ids=ids, attention_mask=torch.ones_like(ids))
             self.model = torch.compile(self.model, dynamic=True, fullgraph=True)
 
     def run(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -286,7 +296,9 @@ BASELINES = ("hf-eager", "hf-sdpa", "compile-sdpa", "onnxruntime", "onnxruntime-
 FASTBERT_BACKENDS = ("torch", "cpp", "triton")
 #: fastbert under torch.compile: not in ``fastbert`` / ``all`` (compiling takes minutes), asked for by name
 COMPILED = tuple(f"compile-fastbert-{b}" for b in ("torch", "cpp"))
-ALL_SYSTEM_NAMES = tuple(f"fastbert-{b}" for b in FASTBERT_BACKENDS) + BASELINES + COMPILED
+#: fastbert not frozen (the A/B for AutoModel.freeze), asked for by name
+UNFROZEN = tuple(f"fastbert-{b}-unfrozen" for b in ("torch", "cpp"))
+ALL_SYSTEM_NAMES = tuple(f"fastbert-{b}" for b in FASTBERT_BACKENDS) + BASELINES + COMPILED + UNFROZEN
 
 
 def make_system(name: str) -> System:
@@ -294,6 +306,8 @@ def make_system(name: str) -> System:
         return FastbertSystem(name[len("fastbert-") :])
     if name in COMPILED:
         return FastbertSystem(name[len("compile-fastbert-") :], compile=True)
+    if name in UNFROZEN:
+        return FastbertSystem(name[len("fastbert-") : -len("-unfrozen")], freeze=False)
     factories: dict[str, Callable[[], System]] = {
         "hf-eager": lambda: TransformersSystem("eager"),
         "hf-sdpa": lambda: TransformersSystem("sdpa"),
