@@ -127,9 +127,13 @@ class Linear(nn.Module):
     def packed(self, weight: Tensor, ops: Backend) -> Any:
         """The prepacked form of ``weight`` for ``ops`` when frozen (packed on first use, again after any tracked
         write to the weight), else None. None under autocast too (the GEMM then reads a per-call cast of the
-        weight, not the weight itself) and while torch.compile traces."""
-        if not self.frozen or torch.is_autocast_enabled(weight.device.type) or torch.compiler.is_compiling():
-            return None  # (torch.compile: the graph reads the weight itself; inductor plans its own layouts)
+        weight, not the weight itself). While torch.compile traces: the pack of an earlier eager call, if any."""
+        if not self.frozen or torch.is_autocast_enabled(weight.device.type):
+            return None
+        if torch.compiler.is_compiling():
+            # The graph keeps the pack an eager call made as a constant (no version checks in the graph): freeze,
+            # run once, then compile, and compile again after changing the weights.
+            return self._pack[1] if self._pack is not None and self._pack[0][0] == ops.name else None
         # A fused Linear's parts (transformers' Q, K, V Parameters) are views of ``weight`` through ``.data``,
         # which gives each its own version counter: an in-place write to a part bumps only the part's.
         parts = tuple(_version(w) for w, _ in self._parts) if self._parts is not None else ()

@@ -317,7 +317,7 @@ METHOD = """\
   embeddings/LayerNorm/softmax/pooler).
 - fastbert systems run the model frozen for inference (`AutoModel.freeze()`: linear weights prepacked once for the
   backend's GEMM, as `SentenceEncoder` runs); `compile-fastbert-<backend>` is that model under
-  `torch.compile(dynamic=True, fullgraph=True)`, which reads the plain weights (inductor plans its own layouts);
+  `torch.compile(dynamic=True, fullgraph=True)` after one eager call (the graph keeps that call's packed weights);
   `fastbert-<backend>-unfrozen` is the model in plain `eval()` (oneDNN reorders each weight on every call).
 - max abs err: max |h - h_ref| over valid tokens, h_ref = transformers eager in fp32 on the same device.
 - Threads: torch.set_num_threads({threads}); ONNX Runtime intra-op {threads} / inter-op 1 with spinning off; OpenVINO

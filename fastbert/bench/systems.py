@@ -108,7 +108,7 @@ class FastbertSystem(System):
         if dtype == INT8 and getattr(self.model, "quantization", None) is None:
             raise RuntimeError("quantize='int8' gave a float model (no .quantization)")
         if self.compile:
-            with torch.inference_mode():  # one eager call first: an int8 model's packed weights, which the graph keeps
+            with torch.inference_mode():  # one eager call first: the packed weights, which the graph keeps
                 ids = torch.ones(1, 4, dtype=torch.long, device=device)
                 self.model(input_ids=ids, attention_mask=torch.ones_like(ids))
             self.model = torch.compile(self.model, dynamic=True, fullgraph=True)
