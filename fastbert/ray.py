@@ -104,7 +104,9 @@ def embed_dataset(
     """``ds`` with an ``embedding_column`` of float32 vectors of its ``text_column`` (lazy, as Ray Data is).
 
     concurrency: the number of actors, each holding one encoder; num_cpus / num_gpus: what each actor reserves
-    (its torch thread count follows num_cpus). rows_per_batch: rows Ray hands an actor per call;
+    (its torch thread count follows num_cpus). Leave CPUs for Ray Data's own read and write tasks: actors that
+    reserve every CPU of the cluster (concurrency * num_cpus == its CPUs) stall the pipeline on Ray Data 2.60.
+    rows_per_batch: rows Ray hands an actor per call;
     batch_size: the encoder's own batch size (texts per forward, as in sentence-transformers).
     encoder_kwargs: ``Embedder``'s remaining arguments (``prompt_name``, ``threads``, ``dtype``, ``backend``...).
     """
