@@ -169,8 +169,7 @@ class Linear(nn.Module):
         )
 
     def __getstate__(self) -> dict:
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        return {**state, "_pack": None}  # copies (deepcopy, pickle) pack again on first use
+        return {**super().__getstate__(), "_pack": None}  # copies (deepcopy, pickle) pack again on first use
 
     def extra_repr(self) -> str:
         parts = self._parts or [(self.weight, self.bias)]
@@ -375,20 +374,18 @@ class AutoModel(PreTrainedMixin, nn.Module):
         ``freeze()`` again after such writes (each call drops the packs, which are made again on first use).
         """
         self.train(False)
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.frozen = True
-                module._pack = None
-        self.frozen = True
-        return self
+        return self._set_frozen(True)
 
     def unfreeze(self) -> AutoModel:
         """Undo ``freeze()``: the packed weights are dropped and the model can train again; returns ``self``."""
+        return self._set_frozen(False)
+
+    def _set_frozen(self, frozen: bool) -> AutoModel:
         for module in self.modules():
             if isinstance(module, Linear):
-                module.frozen = False
-                module._pack = None
-        self.frozen = False
+                module.frozen = frozen
+                module._pack = None  # made again on first use
+        self.frozen = frozen
         return self
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:

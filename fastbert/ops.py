@@ -192,7 +192,7 @@ class Backend(BackendOps):
 
 
 def _backend_named(name: str) -> Backend:
-    """The backend called ``name`` (unpickling); raises BackendUnavailable if it cannot be loaded here."""
+    """The backend called ``name`` (``_pick`` and unpickling); raises BackendUnavailable if it cannot load here."""
     if name == "torch":
         return Backend("torch", reference)
     module, reason = _import(name)
@@ -284,7 +284,7 @@ def _pick(name: str | None, dev: torch.device, dtype: torch.dtype | None) -> Bac
         reason = unavailable_reason(name, dev, dtype)
         if reason is not None:
             raise BackendUnavailable(f"backend {name!r} is not available: {reason}")
-        return Backend(name, _import(name)[0] if name != "torch" else reference)
+        return _backend_named(name)
     native = {"cuda": "triton", "cpu": "cpp"}.get(dev.type)
     if native is not None and dtype is not None and dtype not in DTYPES[native]:
         return Backend("torch", reference)  # the dtype, not the build, rules the fused backend out: no warning

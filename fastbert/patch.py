@@ -177,7 +177,16 @@ def optimize(
     pending = []
     for target in _targets(model):
         base = _base_of(target)
-        if _ATTR not in base.__dict__:
+        done = base.__dict__.get(_ATTR)
+        if done is not None and (
+            (quantize is not None and getattr(done, "quantization", None) is None) or (freeze and not done.frozen)
+        ):
+            # optimising again is a no-op; an option the first call did not apply would be silently ignored
+            raise ValueError(
+                "this model is already optimised without the quantize= / freeze= asked for now: call "
+                "fastbert.restore(model) first, then optimize it with them"
+            )
+        if done is None:
             try:
                 pending.append((base, _shared_encoder(base, backend)))
             except UnsupportedModelError as exc:

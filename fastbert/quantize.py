@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import inputs
-from .modeling import Linear
+from .modeling import Linear, _version
 
 #: The linears of an encoder layer that int8 quantizes (``keep=`` names a subset to leave in float32).
 LINEARS = ("qkv", "attn_out", "ffn_in", "ffn_out")
@@ -65,8 +65,8 @@ class QuantizedLinear(nn.Module):
         While torch.compile traces: the pack made by an eager call, if any (the graph holds it as a constant, so
         run the model once before compiling it), else None (the op then reads ``weight_q`` as it is)."""
         if torch.compiler.is_compiling():
-            return self._packed[1] if self._packed is not None else None
-        key = (ops.name, self.weight_q.data_ptr(), self.weight_q._version, tuple(self.weight_q.shape))
+            return self._packed[1] if self._packed is not None and self._packed[0][0] == ops.name else None
+        key = (ops.name, self.weight_q.data_ptr(), _version(self.weight_q), tuple(self.weight_q.shape))
         if self._packed is None or self._packed[0] != key:
             self._packed = (key, ops.int8_prepack(self.weight_q))
         return self._packed[1]

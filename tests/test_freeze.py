@@ -182,3 +182,16 @@ def test_frozen_model_compiles_fullgraph(tmp_path, quantize):
         compiled = torch.compile(model, dynamic=True, fullgraph=True)
         got = compiled(input_ids=ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_optimize_again_with_freeze_is_refused_not_ignored(folder):
+    import transformers
+
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    fastbert.optimize(hf)
+    fastbert.optimize(hf)  # the same options again: a no-op
+    with pytest.raises(ValueError, match="already optimised.*restore"):
+        fastbert.optimize(hf, freeze=True)
+    fastbert.restore(hf)
+    fastbert.optimize(hf, freeze=True)
+    fastbert.optimize(hf, freeze=True)  # already frozen: a no-op
