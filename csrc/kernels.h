@@ -70,13 +70,18 @@ struct DropRows {
   float keep_scale;
 };
 
+// add_layernorm's per-tensor dtype bits (set: bfloat16, clear: float32).
+constexpr int kBf16X = 1, kBf16Res = 2, kBf16Out = 4, kBf16All = 7;
+
 struct Kernels {
   const char* name;
   // out[r] = LayerNorm(x[r] + bias + res[r]) * gamma + beta for rows [r0, r1). res/bias may be null.
-  // out may alias x (each row is read completely before it is written).
+  // out may alias x (each row is read completely before it is written). x, res and out are each float32 or
+  // bfloat16 on their own (``bf16``: kBf16X | kBf16Res | kBf16Out bits), so a bfloat16 GEMM output can join a
+  // float32 residual stream.
   void (*add_layernorm)(int64_t r0, int64_t r1, int64_t n, const void* x, int64_t sx, const void* res, int64_t sr,
                         const float* bias, const float* gamma, const float* beta, float eps, void* out, int64_t so,
-                        bool bf16);
+                        int bf16);
   // out[r] = act(x[r] + bias) for rows [r0, r1). bias may be null; out may alias x.
   void (*bias_activation)(int64_t r0, int64_t r1, int64_t n, const void* x, int64_t sx, const float* bias, int act,
                           void* out, int64_t so, bool bf16);

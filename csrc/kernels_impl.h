@@ -121,14 +121,15 @@ static float* alloc_floats(int64_t n) {
 
 static void add_layernorm(int64_t r0, int64_t r1, int64_t n, const void* x, int64_t sx, const void* res,
                           int64_t sr, const float* bias, const float* gamma, const float* beta, float eps, void* out,
-                          int64_t so, bool bf16) {
+                          int64_t so, int bf16) {
+  const bool bx = bf16 & kBf16X, br = bf16 & kBf16Res, bo = bf16 & kBf16Out;
   float* buf = alloc_floats(n);
   for (int64_t r = r0; r < r1; ++r) {
-    load_row(elem(x, r * sx, bf16), n, bf16, buf);
+    load_row(elem(x, r * sx, bx), n, bx, buf);
     if (bias != nullptr)
       for (int64_t i = 0; i < n; ++i) buf[i] += bias[i];
-    if (res != nullptr) add_row(elem(res, r * sr, bf16), n, bf16, buf);
-    layernorm_store(buf, n, gamma, beta, eps, bf16, elem(out, r * so, bf16));
+    if (res != nullptr) add_row(elem(res, r * sr, br), n, br, buf);
+    layernorm_store(buf, n, gamma, beta, eps, bo, elem(out, r * so, bo));
   }
   free(buf);
 }

@@ -120,7 +120,9 @@ static int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::m
 static void run_add_layernorm(const at::Tensor& x, const at::Tensor* res, const at::Tensor* bias_f32,
                               const at::Tensor& gamma, const at::Tensor& beta, double eps, at::Tensor& out) {
   const int64_t rows = x.size(0), n = x.size(1);
-  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const int bf16 = (x.scalar_type() == at::kBFloat16 ? kBf16X : 0) |
+                   (res != nullptr && res->scalar_type() == at::kBFloat16 ? kBf16Res : 0) |
+                   (out.scalar_type() == at::kBFloat16 ? kBf16Out : 0);
   const void* xp = x.data_ptr();
   const void* rp = res != nullptr ? res->data_ptr() : nullptr;
   const int64_t sx = x.stride(0), sr = res != nullptr ? res->stride(0) : 0, so = out.stride(0);
@@ -369,17 +371,22 @@ static at::Tensor linear_residual_layernorm(const at::Tensor& x_in, const at::Te
   check_act_tensor(residual, "residual");
   TORCH_CHECK(residual.size(0) == x_in.size(0) && residual.size(1) == weight.size(0), "fastbert: residual shape ",
               residual.sizes(), " does not match the output shape (", x_in.size(0), ", ", weight.size(0), ")");
-  TORCH_CHECK(residual.scalar_type() == x_in.scalar_type(), "fastbert: residual dtype ", residual.scalar_type(),
-              " does not match x dtype ", x_in.scalar_type());
+  // A bfloat16 GEMM may add into a float32 residual stream (bfloat16 inference keeps the stream in float32); the
+  // output then is float32, like the residual.
+  TORCH_CHECK(residual.scalar_type() == x_in.scalar_type() ||
+                  (x_in.scalar_type() == at::kBFloat16 && residual.scalar_type() == at::kFloat),
+              "fastbert: residual dtype ", residual.scalar_type(), " does not match x dtype ", x_in.scalar_type(),
+              " (a float32 residual is allowed with bfloat16 x)");
   const int64_t n = weight.size(0);
   const at::Tensor g = param_f32(ln_weight, n, "ln_weight");
   const at::Tensor b = param_f32(ln_bias, n, "ln_bias");
-  if (x_in.size(0) == 0) return at::empty({0, n}, x_in.options());
-  // GEMM with the bias fused, then one pass: LayerNorm(y + residual) written over y.
+  if (x_in.size(0) == 0) return at::empty({0, n}, residual.options());
+  // GEMM with the bias fused, then one pass: LayerNorm(y + residual), written over y when the dtypes agree.
   at::Tensor y = gemm(x_in.contiguous(), weight, bias, kActNone, packed);
   const at::Tensor res = rows_view(residual);
-  run_add_layernorm(y, &res, nullptr, g, b, eps, y);
-  return y;
+  at::Tensor out = residual.scalar_type() == y.scalar_type() ? y : at::empty(y.sizes(), residual.options());
+  run_add_layernorm(y, &res, nullptr, g, b, eps, out);
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -1165,7 +1172,7 @@ static at::Tensor int8_linear_residual_layernorm(const at::Tensor& q, const at::
                           [&](const Kernels& k, int64_t r0, int64_t r1, at::Tensor& y) {
                             k.add_layernorm(r0, r1, y.size(1), y.data_ptr(), y.stride(0), res.data_ptr(),
                                             res.stride(0), nullptr, g.data_ptr<float>(), b.data_ptr<float>(),
-                                            static_cast<float>(eps), y.data_ptr(), y.stride(0), false);
+                                            static_cast<float>(eps), y.data_ptr(), y.stride(0), 0);
                           });
 }
 
@@ -1184,7 +1191,7 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_linear_re
                                     k.add_layernorm(r0, r1, y.size(1), y.data_ptr(), y.stride(0), res.data_ptr(),
                                                     res.stride(0), nullptr, g.data_ptr<float>(),
                                                     b.data_ptr<float>(), static_cast<float>(eps), y.data_ptr(),
-                                                    y.stride(0), false);
+                                                    y.stride(0), 0);
                                     quantize_block(k, r0, r1, y, sm, oq, os, oz);
                                   });
   check_quantized_rows(os, "the LayerNorm output");

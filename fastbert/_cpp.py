@@ -69,6 +69,8 @@ except Exception as exc:  # ImportError, or an extension built against another t
 
 #: Every op has registered gradients (below); ``fastbert.ops.Backend.trains`` reads this.
 DIFFERENTIABLE = UNAVAILABLE_REASON is None
+#: linear_residual_layernorm takes a bfloat16 x with a float32 residual (bfloat16 GEMM, float32 LayerNorm and output).
+FLOAT32_RESIDUAL = True
 
 if UNAVAILABLE_REASON is None:
     _ops = torch.ops.fastbert
@@ -139,7 +141,7 @@ if UNAVAILABLE_REASON is None:
 
     @_fake("linear_residual_layernorm")
     def _linear_residual_layernorm_fake(x, weight, bias, residual, ln_weight, ln_bias, eps, packed=None):
-        return x.new_empty(x.shape[0], weight.shape[0])
+        return residual.new_empty(x.shape[0], weight.shape[0])  # float32 for bfloat16 x with a float32 residual
 
     @_fake("attention")
     def _attention_fake(qkv, cu_seqlens, max_seqlen, num_heads, scale, dropout_p=0.0, seed=None):

@@ -248,8 +248,14 @@ class EncoderLayer(nn.Module):
         self.ffn_out = Linear(cfg.intermediate_size, h)
         self.ffn_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
 
-    def forward(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int, ops: Backend) -> Tensor:
-        qkv = self.qkv(x, ops)  # (T, 3 * hidden)
+    def forward(
+        self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int, ops: Backend, gemm_dtype: torch.dtype | None = None
+    ) -> Tensor:
+        """One layer on packed tokens x (T, hidden). ``gemm_dtype`` (bfloat16 inference, ``AutoModel.encode_batch``):
+        x is the float32 residual stream of a bfloat16 model; GEMM inputs are cast to ``gemm_dtype``, and the
+        residual + LayerNorm epilogues add the bfloat16 GEMM outputs into float32, which they return."""
+        xg = x if gemm_dtype is None else x.to(gemm_dtype)
+        qkv = self.qkv(xg, ops)  # (T, 3 * hidden)
         if self.training and self.attention_dropout:
             # The mask comes from a counter-based hash of this seed (reference.dropout_bits): drawn from torch's
             # generator, so torch.manual_seed repeats it, and backward regenerates it instead of storing it.
@@ -258,7 +264,7 @@ class EncoderLayer(nn.Module):
         else:
             ctx = ops.attention(qkv, cu_seqlens, max_seqlen, self.num_heads, self.scale)  # (T, hidden)
         x = self.attn_out.residual_layernorm(ctx, x, self.attn_norm, ops, self.output_dropout)
-        h = self.ffn_in(x, ops, act=self.act)  # (T, intermediate)
+        h = self.ffn_in(x if gemm_dtype is None else x.to(gemm_dtype), ops, act=self.act)  # (T, intermediate)
         return self.ffn_out.residual_layernorm(h, x, self.ffn_norm, ops, self.ffn_dropout)
 
 
@@ -485,14 +491,33 @@ class AutoModel(PreTrainedMixin, nn.Module):
                 )
             return quantize.encode_layers(self, x, batch.cu_seqlens, max_seqlen, ops, hidden_states)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        stream = self.float32_stream(x, ops)
+        if stream is not None:
+            x = x.float()
         for i, layer in enumerate(self.layers):
             if recompute and i % self._checkpoint_every == 0:
                 x = checkpoint(layer, x, batch.cu_seqlens, max_seqlen, ops, **self._checkpoint_kwargs)
             else:
-                x = layer(x, batch.cu_seqlens, max_seqlen, ops)
+                x = layer(x, batch.cu_seqlens, max_seqlen, ops, stream)
             if hidden_states is not None:
-                hidden_states.append(x)
-        return x
+                hidden_states.append(x if stream is None else x.to(stream))
+        return x if stream is None else x.to(stream)
+
+    def float32_stream(self, x: Tensor, ops: Backend) -> torch.dtype | None:
+        """bfloat16 when this forward keeps a bfloat16 model's residual stream in float32, else None.
+
+        bfloat16 inference (eval, no gradients: ``torch.no_grad()`` / ``inference_mode``, as every fastbert text API
+        and pipeline runs) on a backend whose residual + LayerNorm epilogue takes a float32 residual (cpp, torch):
+        the GEMMs and attention still run in bfloat16, but the residual stream (each LayerNorm's output, which
+        every later layer adds to) stays float32 and is rounded to bfloat16 once, at the end. Rounding that stream
+        every layer was most of a bfloat16 model's error: on BERT-base (random weights, (8,128), emulated in
+        float64) the max abs error against float32 is 2.5e-2 with bfloat16 GEMMs and attention alone and 6.1e-2
+        when the stream is bfloat16 too (benchmarks/bf16_error_sources.py). Training and forwards that record
+        gradients keep the whole model in bfloat16 (their backward kernels take one dtype).
+        """
+        if x.dtype != torch.bfloat16 or self.training or torch.is_grad_enabled() or not ops.float32_residual:
+            return None
+        return torch.bfloat16
 
     def forward_batch(self, batch: PackedBatch, hidden_states: list[Tensor] | None = None) -> Tensor:
         """The model's packed output for a PackedBatch: the last hidden state here, logits for a head."""

@@ -173,6 +173,9 @@ class Backend(BackendOps):
             if name == "triton" and op in _AUTOCAST_LOW + _AUTOCAST_FLOAT32:
                 fn = _autocasting(fn, low_precision=op in _AUTOCAST_LOW)
             setattr(self, op, fn)
+        #: whether linear_residual_layernorm takes a bfloat16 x with a float32 residual (and returns float32): the
+        #: module's ``FLOAT32_RESIDUAL``; bfloat16 inference then keeps the residual stream in float32
+        self.float32_residual = bool(getattr(module, "FLOAT32_RESIDUAL", False))
         #: whether the backend runs int8 models (every op in ``INT8_OPS``)
         self.int8 = all(hasattr(module, op) for op in INT8_OPS)
         if self.int8:

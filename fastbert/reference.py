@@ -23,6 +23,8 @@ from .padding import tracing
 
 #: Every op here is differentiable through PyTorch's autograd (no in-place writes to saved tensors).
 DIFFERENTIABLE = True
+#: linear_residual_layernorm takes a bfloat16 x with a float32 residual and returns float32 (type promotion).
+FLOAT32_RESIDUAL = True
 
 #: Activation names understood by every backend (``None`` = identity).
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "tanh")
@@ -127,8 +129,12 @@ def linear_residual_layernorm(
     eps: float,
     packed: Any = None,
 ) -> Tensor:
-    """LayerNorm(x @ weight.T + bias + residual). x: (T, K), weight: (N, K), residual: (T, N)."""
-    return bias_residual_layernorm(F.linear(x, weight), bias, residual, ln_weight, ln_bias, eps)
+    """LayerNorm(x @ weight.T + bias + residual). x: (T, K), weight: (N, K), residual: (T, N).
+
+    A bfloat16 x (and weight) may come with a float32 residual: the GEMM output (bias included) is rounded to
+    bfloat16, as a bfloat16 GEMM writes it, and the sum, LayerNorm and output are float32.
+    """
+    return add_layernorm(F.linear(x, weight, bias), residual, ln_weight, ln_bias, eps)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import assert_2x_rule, dtype_id, f64
+from helpers import FLOOR, assert_2x_rule, dtype_id, f64
 
 from fastbert import reference
 
@@ -195,6 +195,44 @@ def test_linear_residual_layernorm(isa, dtype, shape, packed):
     assert_2x_rule("linear_residual_layernorm", out, plain, ref, dtype)
 
 
+@pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=LINEAR_IDS)
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
+def test_linear_residual_layernorm_float32_residual(isa, shape, packed):
+    """bfloat16 x and weight with a float32 residual (bfloat16 inference's float32 stream): float32 out."""
+    t, k, n = shape
+    gen = torch.Generator().manual_seed(t * k + n + 1)
+    x = torch.randn(t, k, generator=gen).bfloat16()
+    w = (torch.randn(n, k, generator=gen) / math.sqrt(k)).bfloat16()
+    b = torch.randn(n, generator=gen).bfloat16()
+    res = torch.randn(t, n, generator=gen)
+    lw, lb = _params(n, gen)
+    p = _cpp.prepack_linear(w) if packed else None
+    out = _cpp.linear_residual_layernorm(x, w, b, _noncontig(res), lw, lb, 1e-12, packed=p)
+    assert out.dtype == torch.float32 and out.shape == (t, n)
+    # float64 reference of the same arithmetic: the GEMM output rounded to bfloat16, then the float32 epilogue
+    y = (f64(x) @ f64(w).T + f64(b)).bfloat16()
+    ref = reference.add_layernorm(f64(y), f64(res), f64(lw), f64(lb), 1e-12)
+    plain = reference.linear_residual_layernorm(x, w, b, res, lw, lb, 1e-12)
+    assert plain.dtype == torch.float32
+    # The GEMM's accumulation order may round an element of y differently by one bfloat16 ulp: STYLE.md's rule
+    # with the bfloat16 floor (y is bfloat16).
+    err = (out.double() - ref).abs()
+    bound = 2 * (plain.double() - ref).abs().max().item() + FLOOR[torch.bfloat16]
+    assert torch.isfinite(out).all() and err.max().item() <= bound, (err.max().item(), bound)
+    # The residual is not rounded: on average the error stays far below that of a bfloat16 residual (every
+    # element of which is rounded, where one-ulp differences in y are rare).
+    rounded = reference.add_layernorm(f64(y), f64(res.bfloat16()), f64(lw), f64(lb), 1e-12)
+    assert err.mean() < 0.5 * (rounded - ref).abs().mean()
+
+
+def test_linear_residual_layernorm_refuses_other_mixes():
+    w = torch.randn(4, 4)
+    with pytest.raises(RuntimeError, match="residual dtype"):
+        _cpp.linear_residual_layernorm(
+            torch.randn(3, 4), w, None, torch.randn(3, 4).bfloat16(), torch.ones(4), torch.zeros(4), 1e-12
+        )
+
+
 def test_linear_zero_tokens():
     w = torch.randn(8, 4)
     assert _cpp.linear(torch.empty(0, 4), w, None).shape == (0, 8)
@@ -273,6 +311,11 @@ def _opcheck_cases():
             "linear_residual_layernorm",
             ops.linear_residual_layernorm.default,
             (x, w[:h], b[:h], res, lw, lb, 1e-12, None),
+        ),
+        (
+            "linear_residual_layernorm_float32_residual",
+            ops.linear_residual_layernorm.default,
+            (x.bfloat16(), w[:h].bfloat16(), b[:h].bfloat16(), res, lw, lb, 1e-12, None),
         ),
         ("attention", ops.attention.default, (qkv, cu, 4, 2, 0.25)),
         ("attention_dropout", ops.attention.default, (qkv, cu, 4, 2, 0.25, 0.1, torch.tensor([7]))),
